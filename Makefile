@@ -1,0 +1,68 @@
+# attnchain: the two set-up-and-run commands of README.md.
+#   make book   set everything up, execute the chapters once, build the book into _build/html
+#   make test   set everything up, run every test: unit and property tests, the chapters (nbmake),
+#               the book build with warnings as errors, and a headless-browser check of the site
+# Both start from nothing on a fresh machine: a virtual environment in .venv, torch as the
+# environment notes prescribe, the package with its extras, MathJax for offline pages.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SRC := _build/src
+MATHJAX := 3.2.2
+
+# Chapters and tests run in the offline profile unless told otherwise; the built book shows static
+# figures in place of live widgets.
+export ATTNCHAIN_PROFILE ?= offline
+export ATTNCHAIN_STATIC := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: book test setup sources unit chapters html browser clean
+
+book: setup chapters html
+
+test: setup unit chapters html browser
+
+setup: $(VENV)/.installed $(SRC)/_vendor/mathjax/tex-chtml.js
+
+# torch first, from the build the environment notes name for this processor; then the package.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ "$$(uname -m)" = aarch64 ]; then \
+	  $(PY) -m pip install -q torch==2.9.1 torchvision==0.24.1; \
+	else \
+	  $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# A copy of the book's sources, so executing the chapters never writes outputs into notebooks/.
+$(SRC)/_vendor/mathjax/tex-chtml.js:
+	mkdir -p $(SRC)/_vendor/mathjax _build/cache
+	[ -f _build/cache/mathjax-$(MATHJAX).tgz ] || (cd _build/cache && npm pack --silent mathjax@$(MATHJAX))
+	tar -xzf _build/cache/mathjax-$(MATHJAX).tgz -C $(SRC)/_vendor/mathjax --strip-components=2 package/es5
+
+sources:
+	mkdir -p $(SRC)
+	rm -rf $(SRC)/book $(SRC)/notebooks
+	cp -r _config.yml _toc.yml book notebooks $(SRC)/
+
+unit: setup
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_book.py
+
+chapters: setup sources
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
+
+html: setup
+	$(VENV)/bin/jupyter-book build -W -n --keep-going $(SRC) --path-output .
+
+browser: setup
+	if ! command -v chromium >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; fi
+	$(PY) -m pytest -q tests/test_book.py
+
+clean:
+	rm -rf _build

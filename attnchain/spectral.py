@@ -1,0 +1,377 @@
+r"""Eigen-analysis of attention chains: |λ2|, spectra, λ2 head weighting, metastable states.
+
+For a row-stochastic ``A`` of shape ``(..., N, N)`` the largest eigenvalue is
+:math:`\lambda_1 = 1`; the second-largest magnitude :math:`|\lambda_2|` measures how slowly the
+chain mixes (:math:`\|v_0 A^n - \pi\| \sim |\lambda_2|^n`). Erel et al. [1]_ use it to weight
+attention heads: structured heads mix slowly (large :math:`|\lambda_2|`), noisy heads fast.
+
+Markov operations (checks, bounce, TokenRank) live in :mod:`attnchain.chain`.
+
+References
+----------
+.. [1] Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
+   Chains". NeurIPS 2025, arXiv:2507.17657.
+.. [2] Saad. "Numerical Methods for Large Eigenvalue Problems", 2nd ed., SIAM 2011 (Arnoldi).
+.. [3] Deuflhard, Weber. "Robust Perron cluster analysis in conformation dynamics". Linear
+   Algebra Appl. 398, 2005 (PCCA+).
+.. [4] Meila, Shi. "A random walks view of spectral segmentation". AISTATS 2001.
+.. [5] Shi, Malik. "Normalized cuts and image segmentation". IEEE TPAMI 22(8), 2000.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .chain import ConvergenceError, _prepare, token_rank
+
+__all__ = ["lambda2", "eigenvalues", "head_weights", "weighted_head_mean", "metastable_states"]
+
+#: ``method="auto"`` uses the dense eigensolver up to this many tokens, Krylov above.
+AUTO_DENSE_MAX_N = 256
+
+
+def _sort_by_magnitude(ev: torch.Tensor) -> torch.Tensor:
+    """Sort complex eigenvalues by decreasing |λ|, ties by decreasing real then imaginary part."""
+    ev = ev.gather(-1, torch.sort(ev.imag, dim=-1, descending=True, stable=True).indices)
+    ev = ev.gather(-1, torch.sort(ev.real, dim=-1, descending=True, stable=True).indices)
+    return ev.gather(-1, torch.sort(ev.abs(), dim=-1, descending=True, stable=True).indices)
+
+
+def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                atol: float = 1e-4) -> torch.Tensor:
+    r"""All (or the ``k`` largest) eigenvalues of row-stochastic matrices, dense.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Row-stochastic attention.
+    k : int, optional
+        Keep the ``k`` eigenvalues of largest magnitude (``1 <= k <= N``); all if ``None``.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64`` for the computation.
+    atol : float
+        Row-sum tolerance of the input check.
+
+    Returns
+    -------
+    Tensor, shape (..., k), complex
+        Sorted by decreasing :math:`|\lambda|` (ties: decreasing real part, then imaginary).
+        The first is :math:`\lambda_1 = 1` up to rounding.
+
+    Notes
+    -----
+    Uses ``torch.linalg.eigvals`` (LAPACK ``geev`` on CPU), :math:`O(N^3)` per matrix.
+    """
+    A = _prepare(A, dtype, atol)
+    N = A.shape[-1]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
+        raise ValueError(f"k must be an int in [1, N = {N}], got {k!r}")
+    ev = _sort_by_magnitude(torch.linalg.eigvals(A))
+    return ev if k is None else ev[..., :k]
+
+
+def _arnoldi_lambda2(A3: torch.Tensor, m_max: int, tol: float, max_restarts: int,
+                     seed: int = 0):
+    """Batched Arnoldi for |λ2| on the zero-sum subspace; returns (|λ2| (B,), passes)."""
+    B, N = A3.shape[0], A3.shape[-1]
+    dt, dev = A3.dtype, A3.device
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, N, generator=gen, dtype=torch.float64).to(device=dev, dtype=dt)
+    m_max = min(m_max, N - 1)
+    passes = 0
+    theta = torch.zeros(B, dtype=dt, device=dev)
+    resid = torch.full((B,), float("inf"), dtype=dt, device=dev)
+    for _ in range(max_restarts + 1):
+        v = v - v.mean(-1, keepdim=True)
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        V = A3.new_zeros(B, m_max + 1, N)
+        H = A3.new_zeros(B, m_max + 1, m_max)
+        V[:, 0] = v
+        for j in range(m_max):
+            w = torch.matmul(V[:, j].unsqueeze(1), A3).squeeze(1)
+            passes += 1
+            w = w - w.mean(-1, keepdim=True)  # re-project onto {w : w . 1 = 0}
+            Vj = V[:, : j + 1]
+            for _ in range(2):  # classical Gram-Schmidt, twice
+                h = torch.matmul(Vj, w.unsqueeze(-1)).squeeze(-1)
+                w = w - torch.matmul(h.unsqueeze(1), Vj).squeeze(1)
+                H[:, : j + 1, j] += h
+            hn = w.norm(dim=-1)
+            H[:, j + 1, j] = hn
+            ok = hn > 1e-12
+            V[:, j + 1] = torch.where(ok.unsqueeze(-1), w / hn.clamp_min(1e-30).unsqueeze(-1), 0.0)
+            k = j + 1
+            if k < min(4, m_max) and bool(ok.all()):
+                continue
+            Hk = H[:, :k, :k].to(torch.float64)
+            ev, vec = torch.linalg.eig(Hk)
+            idx = ev.abs().argmax(-1)
+            theta = ev.gather(-1, idx[:, None]).squeeze(-1).abs().to(dt)
+            y = vec.gather(-1, idx[:, None, None].expand(B, k, 1)).squeeze(-1)  # unit L2 norm
+            resid = (hn.to(torch.float64) * y[:, -1].abs()).to(dt)
+            resid = torch.where(ok, resid, torch.zeros_like(resid))
+            if bool((resid <= tol).all()):
+                return theta, passes
+        # explicit restart from the dominant Ritz vector (real and imaginary parts combined)
+        z = torch.matmul(y.unsqueeze(1), V[:, :k].to(y.dtype)).squeeze(1)
+        v = (z.real + z.imag).to(dt)
+    raise ConvergenceError(
+        f"lambda2(method='krylov') did not converge after {max_restarts} restarts of "
+        f"{m_max} Arnoldi steps (Ritz residual {resid.max().item():.3g} > tol = {tol:g}); "
+        "try method='dense'")
+
+
+def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: float = 1e-5,
+            krylov_dim: int = 40, max_restarts: int = 20, atol: float = 1e-4,
+            return_info: bool = False) -> torch.Tensor:
+    r"""Second-largest eigenvalue magnitude :math:`|\lambda_2|` of row-stochastic matrices.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Row-stochastic attention.
+    method : {"auto", "dense", "krylov"}
+        ``"dense"``: all eigenvalues by ``torch.linalg.eigvals`` (exact up to rounding,
+        :math:`O(N^3)`). ``"krylov"``: batched Arnoldi on the zero-sum subspace (below),
+        :math:`O(m N^2)` for ``m`` steps. ``"auto"``: dense for ``N <= AUTO_DENSE_MAX_N``
+        (256), Krylov above, falling back to dense if Krylov does not converge (spectra with
+        many eigenvalues of nearly the same magnitude, unusual for attention).
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64``.
+    tol : float
+        Krylov: stop when every matrix's dominant Ritz pair has residual
+        :math:`\|w A - \theta w\|_2 = h_{m+1,m} |e_m^\top y| \le` ``tol`` (unit Ritz vector ``w``).
+    krylov_dim : int
+        Krylov: Arnoldi steps per cycle (explicit restarts after that).
+    max_restarts : int
+        Krylov: restarts before :class:`~attnchain.chain.ConvergenceError` is raised.
+    atol : float
+        Row-sum tolerance of the input check.
+    return_info : bool
+        Also return ``{"passes": products with A}`` (0 for dense).
+
+    Returns
+    -------
+    Tensor, shape (...,)
+        :math:`|\lambda_2|` in :math:`[0, 1]`; it is 1 for reducible or periodic chains, and 0
+        for ``N = 1``.
+
+    Notes
+    -----
+    The zero-sum row vectors :math:`S = \{v : v \mathbf 1 = 0\}` are invariant under
+    :math:`v \mapsto v A` (because :math:`A \mathbf 1 = \mathbf 1`), and every left eigenvector
+    of an eigenvalue :math:`\lambda \ne 1` lies in :math:`S` (from :math:`w A \mathbf 1 = \lambda
+    w \mathbf 1`). The restriction of the map to :math:`S` therefore has the spectrum of ``A``
+    with one copy of :math:`\lambda_1 = 1` removed, and :math:`|\lambda_2|` is its dominant
+    eigenvalue magnitude: Arnoldi [2]_ started in :math:`S` (and re-projected every step against
+    rounding) finds it as the dominant Ritz value without deflation. All matrices of the batch
+    run together with ``bmm``; complex-conjugate pairs are handled by the real Arnoldi process.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025.
+    .. [2] Saad, "Numerical Methods for Large Eigenvalue Problems", SIAM 2011.
+    """
+    if method not in ("auto", "dense", "krylov"):
+        raise ValueError(f"method must be 'auto', 'dense' or 'krylov', got {method!r}")
+    A = _prepare(A, dtype, atol)
+    N = A.shape[-1]
+    batch = A.shape[:-2]
+    if N == 1:
+        out = A.new_zeros(batch)
+        return (out, {"passes": 0}) if return_info else out
+    auto = method == "auto"
+    if auto:
+        method = "dense" if N <= AUTO_DENSE_MAX_N else "krylov"
+    if method == "dense":
+        ev = torch.linalg.eigvals(A).abs()
+        out = torch.topk(ev, 2, dim=-1).values[..., 1].to(A.dtype)
+        out = out.clamp(0, 1)
+        return (out, {"passes": 0}) if return_info else out
+    if N == 2:  # the zero-sum subspace is one-dimensional: λ2 = A00 + A11 - 1 = trace - 1
+        out = (A[..., 0, 0] + A[..., 1, 1] - 1).abs()
+        return (out, {"passes": 0}) if return_info else out
+    A3 = A.reshape(-1, N, N)
+    try:
+        theta, passes = _arnoldi_lambda2(A3, krylov_dim, tol, max_restarts)
+    except ConvergenceError:
+        if not auto:
+            raise
+        return lambda2(A, method="dense", return_info=return_info)
+    out = theta.reshape(batch).clamp(0, 1)
+    return (out, {"passes": passes}) if return_info else out
+
+
+def _head_axis(A: torch.Tensor, head_dim: int) -> int:
+    """Axis of the head dimension among A's batch dims, as a non-negative index."""
+    nb = A.ndim - 2
+    if nb < 1:
+        raise ValueError(f"A of shape {tuple(A.shape)} has no head dimension: expected "
+                         "(..., H, N, N)")
+    d = head_dim + A.ndim if head_dim < 0 else head_dim
+    if not 0 <= d < nb:
+        raise ValueError(f"head_dim={head_dim} must point at a batch dimension of A (one of "
+                         f"the first {nb} dims of shape {tuple(A.shape)}), not at N x N")
+    return d
+
+
+def head_weights(A, head_dim: int = -3, method: str = "auto",
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""λ2 weights of attention heads: :math:`w_h = |\lambda_2^{(h)}| / \sum_g |\lambda_2^{(g)}|`.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., H, ..., N, N)
+        Row-stochastic attention with a head dimension at ``head_dim``.
+    head_dim : int
+        Dimension of ``A`` holding the heads (default ``-3``: ``(..., H, N, N)``).
+    method : {"auto", "dense", "krylov"}
+        How :func:`lambda2` is computed.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64``.
+
+    Returns
+    -------
+    Tensor, shape ``A.shape[:-2]``
+        Non-negative, summing to one along the head dimension. If every head has
+        :math:`|\lambda_2| = 0` (all rank-one), the weights are uniform.
+
+    Notes
+    -----
+    Erel et al. [1]_ weight heads by :math:`|\lambda_2|`: a head whose chain mixes slowly
+    keeps structure (metastable token groups); one that mixes fast is close to uniform noise.
+    """
+    A = _prepare(A, dtype)
+    d = _head_axis(A, head_dim)
+    l2 = lambda2(A, method=method)
+    s = l2.sum(d, keepdim=True)
+    uniform = torch.full_like(l2, 1.0 / l2.shape[d])
+    return torch.where(s > 0, l2 / torch.where(s > 0, s, torch.ones_like(s)), uniform)
+
+
+def weighted_head_mean(A, head_dim: int = -3, method: str = "auto",
+                       dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""λ2-weighted average of attention heads, :math:`\sum_h w_h A^{(h)}`.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., H, ..., N, N)
+        Row-stochastic attention with a head dimension at ``head_dim``.
+    head_dim : int
+        Dimension of ``A`` holding the heads (default ``-3``).
+    method : {"auto", "dense", "krylov"}
+        How :func:`lambda2` is computed.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64``.
+
+    Returns
+    -------
+    Tensor, shape of ``A`` without ``head_dim``
+        A convex combination of row-stochastic matrices, hence row-stochastic; weights from
+        :func:`head_weights`.
+    """
+    A = _prepare(A, dtype)
+    d = _head_axis(A, head_dim)
+    w = head_weights(A, head_dim=head_dim, method=method)
+    return (A * w[..., None, None]).sum(d)
+
+
+def _inner_simplex(X: torch.Tensor) -> torch.Tensor:
+    """Indices of k rows of X (N, k) spanning the (near-)simplex of PCCA+ [3]_ (greedy)."""
+    k = X.shape[1]
+    Y = X.clone()
+    idx = [int(Y.norm(dim=1).argmax())]
+    Y = Y - Y[idx[0]]
+    for _ in range(1, k):
+        i = int(Y.norm(dim=1).argmax())
+        idx.append(i)
+        q = Y[i] / Y[i].norm().clamp_min(1e-300)
+        Y = Y - (Y @ q)[:, None] * q[None, :]
+    return torch.tensor(idx, device=X.device)
+
+
+def metastable_states(A, k: Optional[int] = None, k_max: int = 10, alpha: float = 0.99,
+                      atol: float = 1e-4, return_k: bool = False) -> torch.Tensor:
+    r"""Metastable token groups: where the attention chain lingers before it mixes.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Row-stochastic attention.
+    k : int, optional
+        Number of groups (``1 <= k <= N``). If ``None``, chosen per matrix from the largest
+        spectral gap :math:`\mu_k - \mu_{k+1}` for ``k`` in ``1 .. min(k_max, N - 1)``.
+    k_max : int
+        Largest ``k`` considered when ``k`` is ``None``.
+    alpha : float
+        Damping used only for the stationary weights :math:`\pi` of the reversibilisation
+        (keeps :math:`\pi > 0` even for reducible chains).
+    atol : float
+        Row-sum tolerance of the input check.
+    return_k : bool
+        Also return the number of groups used per matrix, LongTensor ``(...,)``.
+
+    Returns
+    -------
+    labels : LongTensor, shape (..., N)
+        Group of each token, ``0 .. k-1``, numbered in order of each group's first token.
+
+    Notes
+    -----
+    1. :math:`\pi` = :func:`~attnchain.chain.token_rank` of ``A`` (float64),
+       :math:`D = \mathrm{diag}(\pi)`.
+    2. Additive reversibilisation :math:`W = (D A + A^\top D)/2`, symmetric, and the normalised
+       :math:`L = D^{-1/2} W D^{-1/2}` with eigenvalues :math:`1 = \mu_1 \ge \mu_2 \ge \dots`.
+       :math:`D^{-1} W` is a reversible chain with the same stationary law; eigenvalues near 1
+       mean sets the chain rarely leaves (Meila & Shi [4]_; normalised cuts, Shi & Malik [5]_).
+    3. :math:`X = D^{-1/2} U_{:, :k}` (right eigenvectors, first column constant). For a nearly
+       decomposable chain the rows of ``X`` cluster at the ``k`` vertices of a simplex; PCCA+'s
+       inner-simplex algorithm [3]_ picks ``k`` vertex rows greedily, memberships are
+       :math:`\chi = X X_{\mathrm{vert}}^{-1}` and each token takes the group of its largest
+       membership.
+    Dense :math:`O(N^3)` (``torch.linalg.eigh`` in float64) per matrix.
+    """
+    A = _prepare(A, torch.float64, atol)
+    N = A.shape[-1]
+    batch = A.shape[:-2]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N):
+        raise ValueError(f"k must be an int in [1, N = {N}], got {k!r}")
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
+        raise ValueError(f"k_max must be a positive int, got {k_max!r}")
+    A = A / A.sum(-1, keepdim=True)  # exact row sums in float64 for float32 input
+    pi = token_rank(A, alpha=alpha, tol=1e-10, dtype=torch.float64, check=False)
+    s = pi.sqrt()
+    W = 0.5 * (pi.unsqueeze(-1) * A + (pi.unsqueeze(-1) * A).transpose(-1, -2))
+    L = W / s.unsqueeze(-1) / s.unsqueeze(-2)
+    mu, U = torch.linalg.eigh(L)
+    mu, U = mu.flip(-1), U.flip(-1)
+    X = U / s.unsqueeze(-1)
+    if k is None:
+        kk = min(k_max, N - 1)
+        if kk < 1:
+            ks = torch.ones(batch, dtype=torch.long, device=A.device)
+        else:
+            gaps = mu[..., :kk] - mu[..., 1 : kk + 1]
+            ks = gaps.argmax(-1) + 1
+    else:
+        ks = torch.full(batch, k, dtype=torch.long, device=A.device)
+    Xf, kf = X.reshape(-1, N, N), ks.reshape(-1)
+    labels = torch.empty(Xf.shape[0], N, dtype=torch.long, device=A.device)
+    for b in range(Xf.shape[0]):
+        kb = int(kf[b])
+        Xb = Xf[b, :, :kb]
+        if kb == 1:
+            labels[b] = 0
+            continue
+        vert = _inner_simplex(Xb)
+        chi = Xb @ torch.linalg.pinv(Xb[vert])
+        lab = chi.argmax(1)
+        # renumber groups by their first token
+        order = {}
+        for v in lab.tolist():
+            order.setdefault(v, len(order))
+        remap = torch.tensor([order.get(i, i) for i in range(kb)], device=A.device)
+        labels[b] = remap[lab]
+    labels = labels.reshape(*batch, N)
+    return (labels, ks) if return_k else labels

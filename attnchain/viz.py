@@ -1,0 +1,726 @@
+"""Figures and explorers for the book: matrices, spectra, bounce strips, overlays, widgets.
+
+Everything here draws; the Markov-chain math lives in :mod:`attnchain.chain` and
+:mod:`attnchain.spectral`. Two small generators of *example* chains also live here
+(:func:`planted_chain`, :func:`bipartite_chain`) and one reference method from another paper
+(:func:`rollout`) because the chapters need them; they are candidates to move into
+:mod:`attnchain.chain` (see the notes on each).
+
+Static mode
+-----------
+:func:`explorer` and :func:`attention_explorer` show ``ipywidgets`` controls in a live kernel
+(Jupyter, Colab). When the environment variable ``ATTNCHAIN_STATIC=1`` is set (the test suite and
+the book build set it), or ``ipywidgets`` is not installed, they draw one static figure with the
+default control values instead, so an executed notebook stores a picture, not a dead widget.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "is_static",
+    "tag",
+    "planted_chain",
+    "bipartite_chain",
+    "rollout",
+    "choose_bounces",
+    "mask_to_grid",
+    "to_numpy",
+    "show_matrix",
+    "spectrum",
+    "overlay",
+    "show_labels",
+    "label_colors",
+    "patch_map",
+    "bounce_strip",
+    "token_heat",
+    "lambda2_heatmap",
+    "explorer",
+    "attention_explorer",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# small utilities
+# --------------------------------------------------------------------------------------------
+def is_static() -> bool:
+    """True when explorers must draw static figures (``ATTNCHAIN_STATIC=1``, or no ipywidgets)."""
+    if os.environ.get("ATTNCHAIN_STATIC", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:  # pragma: no cover - exercised only where ipywidgets is missing
+        import ipywidgets  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return True
+    return False
+
+
+def tag(profile: str, model: str) -> str:
+    """The provenance tag every figure title carries, e.g. ``"offline · scene-vit"``."""
+    return f"{profile} · {model}"
+
+
+def to_numpy(x) -> np.ndarray:
+    """Detach a tensor (any device/dtype) or array-like to a float64 NumPy array."""
+    if isinstance(x, Tensor):
+        x = x.detach().to("cpu")
+        if x.is_complex():
+            return x.to(torch.complex128).numpy()
+        return x.to(torch.float64).numpy()
+    return np.asarray(x)
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------------------------
+# example chains (math kept minimal; see notes)
+# --------------------------------------------------------------------------------------------
+def planted_chain(
+    sizes: Sequence[int],
+    leak: float = 0.1,
+    concentration: float = 1.0,
+    shuffle: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """A random row-stochastic chain with planted blocks ("metastable states" known in advance).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Block sizes ``n_1, ..., n_k`` (each >= 1); ``N = sum(sizes)``.
+    leak : float in [0, 1]
+        Exactly this much probability mass of every row leaves the row's own block.
+    concentration : float > 0
+        Dirichlet concentration of the random entries: large values make rows flat inside and
+        outside the block, small values make them spiky.
+    shuffle : bool
+        Randomly permute the tokens so blocks are not contiguous.
+    seed : int
+        Seed of a private NumPy generator (nothing global is touched).
+    dtype : torch.dtype
+
+    Returns
+    -------
+    A : (N, N) tensor, row-stochastic
+    labels : (N,) LongTensor, the planted block of each token
+
+    Notes
+    -----
+    Row ``i`` in block ``b`` is ``(1 - leak) * d_in`` on the tokens of ``b`` and ``leak * d_out`` on
+    the others, with ``d_in``, ``d_out`` independent Dirichlet(``concentration``) draws. With
+    ``leak = 0`` the chain is reducible (``k`` closed classes, eigenvalue 1 with multiplicity
+    ``k``); for small ``leak`` it has ``k`` eigenvalues close to 1 and a spectral gap after them.
+    If the out-of-block mass were spread uniformly over ``k`` equal blocks, the lumped ``k``-state
+    chain would have eigenvalues ``1`` and ``1 - leak * k / (k - 1)``.
+
+    This is an example generator for the book, kept here until it moves to
+    :mod:`attnchain.chain`.
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) == 0 or any(s < 1 for s in sizes):
+        raise ValueError(f"planted_chain: sizes must be a non-empty list of positive ints, got {sizes}")
+    if not 0.0 <= float(leak) <= 1.0:
+        raise ValueError(f"planted_chain: leak must lie in [0, 1], got {leak}")
+    if len(sizes) == 1 and leak > 0:
+        raise ValueError("planted_chain: a single block has nowhere to leak to; use leak=0")
+    if not concentration > 0:
+        raise ValueError(f"planted_chain: concentration must be positive, got {concentration}")
+    rng = np.random.default_rng(int(seed))
+    n = sum(sizes)
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    same = labels[:, None] == labels[None, :]
+    w = torch.from_numpy(rng.gamma(float(concentration), 1.0, size=(n, n))) + 1e-12
+    w_in = torch.where(same, w, torch.zeros_like(w))
+    w_out = torch.where(same, torch.zeros_like(w), w)
+    a = (1.0 - leak) * w_in / w_in.sum(-1, keepdim=True)
+    if leak > 0:
+        a = a + leak * w_out / w_out.sum(-1, keepdim=True)
+    if shuffle:
+        perm = torch.from_numpy(rng.permutation(n))
+        a = a[perm][:, perm]
+        labels = labels[perm]
+    a = a / a.sum(-1, keepdim=True)
+    return a.to(dtype), labels
+
+
+def bipartite_chain(A: Tensor) -> Tensor:
+    """The square chain on queries ∪ keys built from a non-square (cross-)attention matrix.
+
+    Parameters
+    ----------
+    A : (..., Nq, Nk) tensor
+        Row-stochastic cross-attention (rows = queries).
+
+    Returns
+    -------
+    (..., Nq + Nk, Nq + Nk) tensor
+        ``[[0, A], [B, 0]]`` where ``B`` is ``A^T`` with its rows normalised (key ``j`` moves to
+        query ``i`` with probability proportional to ``A[i, j]``: "who attends to ``j``").
+
+    Notes
+    -----
+    The chain alternates query -> key -> query, so it has period 2; its two-step chains
+    ``A B`` (queries) and ``B A`` (keys) are ordinary square chains. A key that no query attends
+    to gets a uniform row over the queries so the result stays row-stochastic.
+
+    Kept here until it moves to :mod:`attnchain.chain`.
+    """
+    if A.ndim < 2:
+        raise ValueError(f"bipartite_chain: expected (..., Nq, Nk), got shape {tuple(A.shape)}")
+    a = A.to(torch.promote_types(A.dtype, torch.float32))
+    if torch.isnan(a).any() or (a < 0).any():
+        raise ValueError("bipartite_chain: A has NaN or negative entries")
+    nq, nk = a.shape[-2], a.shape[-1]
+    b = a.transpose(-1, -2)
+    s = b.sum(-1, keepdim=True)
+    b = torch.where(s > 0, b / s.clamp_min(torch.finfo(b.dtype).tiny), torch.full_like(b, 1.0 / nq))
+    top = torch.cat([torch.zeros(*a.shape[:-2], nq, nq, dtype=a.dtype, device=a.device), a], -1)
+    bot = torch.cat([b, torch.zeros(*a.shape[:-2], nk, nk, dtype=a.dtype, device=a.device)], -1)
+    return torch.cat([top, bot], -2)
+
+
+def rollout(attentions: Sequence[Tensor] | Mapping[str, Tensor], residual: float = 0.5) -> Tensor:
+    """Attention rollout across layers (Abnar & Zuidema, 2020), for comparison with bounces.
+
+    Parameters
+    ----------
+    attentions : sequence or mapping of (..., N, N) tensors, first layer first
+        Row-stochastic attention per layer (average heads before calling).
+    residual : float in [0, 1]
+        Weight of the identity that models the residual connection.
+
+    Returns
+    -------
+    (..., N, N) tensor
+        ``R = Â_L ... Â_2 Â_1`` with ``Â_l = residual * I + (1 - residual) * A_l``; row ``i`` is
+        how much token ``i`` at the last layer draws from each input token.
+
+    Notes
+    -----
+    Each ``Â_l`` is row-stochastic, so ``R`` is too: a *time-inhomogeneous* chain, one step per
+    layer, whereas multi-bounce takes ``n`` steps of one layer's chain. Composition order: the
+    output at layer ``L`` reads the output of layer ``L - 1``, so ``R = Â_L R_{L-1}``.
+
+    References
+    ----------
+    S. Abnar and W. Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020.
+
+    Kept here until it moves to :mod:`attnchain.chain`.
+    """
+    mats = list(attentions.values()) if isinstance(attentions, Mapping) else list(attentions)
+    if not mats:
+        raise ValueError("rollout: no attention matrices given")
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"rollout: residual must lie in [0, 1], got {residual}")
+    r = None
+    for a in mats:
+        if a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"rollout: attention must be square, got {tuple(a.shape)}")
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        step = residual * eye + (1.0 - residual) * a
+        r = step if r is None else step @ r
+    return r
+
+
+def choose_bounces(A: Tensor, eps: float = 0.1, max_n: int = 10, k_max: int = 16) -> Tensor:
+    """A spectral rule for the number of bounces ``n`` (Chapter 3), per matrix.
+
+    Parameters
+    ----------
+    A : (..., N, N) tensor, row-stochastic
+    eps : float in (0, 1)
+        How far the fast (within-state) modes must have decayed.
+    max_n : int
+        Upper clamp; the result lies in ``[1, max_n]``.
+    k_max : int
+        Largest number of metastable states considered.
+
+    Returns
+    -------
+    (...,) LongTensor
+        ``n* = ceil(log(eps) / log|λ_{k+1}|)`` where ``k`` is the position of the largest drop
+        ``|λ_k| - |λ_{k+1}|`` among the first ``k_max + 1`` eigenvalue magnitudes; ``n* = 1``
+        when ``k = 1`` (no metastable structure: bouncing would only mix toward the
+        stationary distribution).
+
+    Notes
+    -----
+    After ``n`` steps the modes with ``|λ| <= |λ_{k+1}|`` are damped by at least
+    ``|λ_{k+1}|^n``: mass started at a token has spread over its metastable state (up to ``eps``)
+    while the ``k`` slow modes, which separate the states, have barely decayed. The rule is the
+    book's, tested in Chapter 3; it is kept here until it moves to :mod:`attnchain.spectral`.
+    """
+    from . import spectral
+
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"choose_bounces: eps must lie in (0, 1), got {eps}")
+    if max_n < 1:
+        raise ValueError(f"choose_bounces: max_n must be >= 1, got {max_n}")
+    n_tok = A.shape[-1]
+    kk = min(k_max + 1, n_tok)
+    mags = spectral.eigenvalues(A, k=kk).abs().to(torch.float64)  # (..., kk), decreasing
+    gaps = mags[..., :-1] - mags[..., 1:]
+    k = gaps.argmax(-1) + 1  # number of slow modes
+    lam = mags.gather(-1, k.unsqueeze(-1)).squeeze(-1).clamp(1e-12, 1 - 1e-12)
+    n = torch.ceil(math.log(eps) / torch.log(lam)).clamp(1, max_n)
+    # no metastable structure (the largest drop is 1 -> |λ2|): nothing to consolidate, row select
+    n = torch.where(k == 1, torch.ones_like(n), n)
+    return n.long()
+
+
+def mask_to_grid(mask, grid: tuple[int, int]) -> Tensor:
+    """Area-average an ``(H, W)`` boolean/0-1 mask onto a patch grid: ``(h, w)`` fractions."""
+    m = torch.as_tensor(to_numpy(mask)).to(torch.float64)
+    if m.ndim != 2:
+        raise ValueError(f"mask_to_grid: expected an (H, W) mask, got shape {tuple(m.shape)}")
+    return torch.nn.functional.adaptive_avg_pool2d(m[None, None], tuple(int(g) for g in grid))[0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def show_matrix(A, ax=None, title: str | None = None, boundaries: Sequence[int] | None = None,
+                cmap: str = "viridis", labels: Sequence[str] | None = None, colorbar: bool = True):
+    """Draw an attention/transition matrix as a heatmap (rows = queries, columns = keys).
+
+    ``boundaries`` draws block separators after those indices; ``labels`` names the tokens.
+    Returns the axes.
+    """
+    plt = _plt()
+    m = to_numpy(A)
+    if m.ndim != 2:
+        raise ValueError(f"show_matrix: expected a 2-D matrix, got shape {m.shape}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.2, 3.6))
+    im = ax.imshow(m, cmap=cmap, interpolation="nearest", aspect="auto")
+    ax.grid(False)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for b in ([] if boundaries is None else list(boundaries)):
+        ax.axhline(b - 0.5, color="w", lw=0.8)
+        ax.axvline(b - 0.5, color="w", lw=0.8)
+    if labels is not None:
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def spectrum(eigs, ax=None, title: str | None = None, highlight: int = 0):
+    """Eigenvalues in the complex plane with the unit circle; the first ``highlight`` are marked."""
+    plt = _plt()
+    e = to_numpy(eigs).astype(np.complex128).ravel()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.6, 3.6))
+    t = np.linspace(0, 2 * np.pi, 361)
+    ax.plot(np.cos(t), np.sin(t), color="0.7", lw=0.8)
+    ax.scatter(e.real, e.imag, s=14, color="C0", zorder=3, label="eigenvalues")
+    if highlight:
+        order = np.argsort(-np.abs(e))[:highlight]
+        ax.scatter(e.real[order], e.imag[order], s=40, facecolor="none", edgecolor="C3", zorder=4,
+                   label=f"top {highlight} by |λ|")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.set_aspect("equal")
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_ylim(-1.1, 1.1)
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def _as_image(image) -> np.ndarray | None:
+    if image is None:
+        return None
+    if isinstance(image, Tensor):
+        image = image.detach().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.permute(1, 2, 0)
+        image = image.numpy()
+    img = np.asarray(image)
+    if img.dtype.kind in "iu":
+        img = img.astype(np.float64) / 255.0
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    lo, hi = float(np.min(img)), float(np.max(img))
+    if lo < 0 or hi > 1:
+        img = (img - lo) / max(hi - lo, 1e-12)
+    return img
+
+
+def patch_map(v, grid: tuple[int, int], prefix: int = 0) -> np.ndarray:
+    """Turn a per-token vector into an ``(h, w)`` patch map.
+
+    ``v`` has ``prefix + h * w`` entries (CLS/register tokens first) or exactly ``h * w``.
+    """
+    x = to_numpy(v).ravel()
+    h, w = int(grid[0]), int(grid[1])
+    if x.size == prefix + h * w:
+        x = x[prefix:]
+    if x.size != h * w:
+        raise ValueError(f"patch_map: {x.size} values do not fit grid {h}x{w} with prefix {prefix}")
+    return x.reshape(h, w)
+
+
+def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno",
+            title: str | None = None, normalize: bool = True):
+    """Draw an ``(h, w)`` map, upsampled (bilinear) over an image when one is given."""
+    plt = _plt()
+    hm = to_numpy(heat)
+    if hm.ndim != 2:
+        raise ValueError(f"overlay: expected an (h, w) map, got shape {hm.shape}")
+    if normalize:
+        lo, hi = hm.min(), hm.max()
+        hm = (hm - lo) / (hi - lo) if hi > lo else np.zeros_like(hm)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    img = _as_image(image)
+    if img is not None:
+        from skimage.transform import resize
+
+        big = resize(hm, img.shape[:2], order=1, mode="edge", anti_aliasing=False)
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        ax.imshow(big, cmap=cmap, alpha=alpha, vmin=0 if normalize else None,
+                  vmax=1 if normalize else None)
+    else:
+        ax.imshow(hm, cmap=cmap, interpolation="nearest", vmin=0 if normalize else None,
+                  vmax=1 if normalize else None)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def label_colors(k: int) -> np.ndarray:
+    """``k`` distinct RGB colours (seaborn's husl palette) for label maps."""
+    import seaborn as sns
+
+    return np.asarray(sns.color_palette("husl", max(int(k), 1)))
+
+
+def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | None = None):
+    """Draw an ``(h, w)`` integer label map (e.g. metastable states), over an image if given."""
+    plt = _plt()
+    lab = to_numpy(labels).astype(np.int64)
+    if lab.ndim != 2:
+        raise ValueError(f"show_labels: expected an (h, w) label map, got shape {lab.shape}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    cols = label_colors(int(lab.max()) + 1)
+    rgb = cols[lab]
+    img = _as_image(image)
+    if img is not None:
+        from skimage.transform import resize
+
+        big = resize(lab, img.shape[:2], order=0, preserve_range=True,
+                     anti_aliasing=False).astype(np.int64)
+        base = img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
+        ax.imshow((1 - alpha) * base[..., :3] + alpha * cols[big])
+    else:
+        ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def bounce_strip(dists, grid: tuple[int, int] | None = None, image=None, prefix: int = 0,
+                 steps: Sequence[int] | None = None, tokens: Sequence[str] | None = None,
+                 title: str | None = None, row_label: str | None = None, axes=None,
+                 cmap: str = "inferno", groups=None):
+    """A strip of maps ``v_0, v_1, ..., v_n`` (the output of :func:`attnchain.bounce`).
+
+    Parameters
+    ----------
+    dists : (n + 1, N) tensor or array
+        One distribution per bounce.
+    grid : (h, w), optional
+        Draw each distribution as a patch map (after dropping ``prefix`` special tokens) over
+        ``image``. Without a grid each panel is a bar chart over tokens (``tokens`` labels it).
+    steps : which bounces to draw (default all).
+    axes : existing row of axes to draw into (for stacking strips); otherwise a new figure.
+    groups : (N,) integer labels, optional
+        Colour the bars by group (e.g. planted blocks) when drawing without a grid.
+
+    Returns
+    -------
+    numpy array of axes
+    """
+    plt = _plt()
+    d = to_numpy(dists)
+    if d.ndim != 2:
+        raise ValueError(f"bounce_strip: expected (n + 1, N) distributions, got shape {d.shape}")
+    steps = list(range(d.shape[0])) if steps is None else list(steps)
+    if axes is None:
+        w = 1.9 if grid is not None else 2.6
+        fig, axes = plt.subplots(1, len(steps), figsize=(w * len(steps), 2.4 if grid else 2.2),
+                                 squeeze=False, layout="constrained")
+        axes = axes[0]
+        if title:
+            fig.suptitle(title, fontsize=10)
+    axes = np.asarray(axes).ravel()
+    for ax, s in zip(axes, steps):
+        if grid is not None:
+            overlay(patch_map(d[s], grid, prefix), image, ax=ax, title=f"n = {s}", cmap=cmap)
+        else:
+            if groups is not None:
+                g = to_numpy(groups).astype(np.int64).ravel()
+                colours = label_colors(int(g.max()) + 1)[g]
+            else:
+                colours = "C0"
+            ax.bar(np.arange(d.shape[1]), d[s], color=colours, width=1.0)
+            ax.set_title(f"n = {s}", fontsize=8)
+            ax.set_ylim(0, max(float(d[s].max()) * 1.1, 1e-9))
+            if tokens is not None:
+                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+            else:
+                ax.set_xticks([])
+            ax.tick_params(axis="y", labelsize=6)
+    if row_label:
+        axes[0].text(-0.08, 0.5, row_label, transform=axes[0].transAxes, rotation=90,
+                     va="center", ha="right", fontsize=9)
+    return axes
+
+
+def token_heat(tokens: Sequence[str], values, ax=None, cmap: str = "magma_r",
+               title: str | None = None, width: int = 60, colors=None, fontsize: float = 9):
+    """Render a sentence with each token's background coloured by a value (or a given colour).
+
+    ``values`` is a per-token vector (normalised to [0, 1] for the colour map) or ``None``;
+    ``colors`` an optional list of RGB colours (e.g. ``label_colors(k)[labels]``) that overrides
+    it. Tokens flow left to right and wrap at the right edge of the axes (``width`` only sizes a
+    new figure).
+    """
+    plt = _plt()
+    import matplotlib as mpl
+
+    toks = list(tokens)
+    vals = to_numpy(values).ravel() if values is not None else np.zeros(len(toks))
+    if vals.size != len(toks):
+        raise ValueError(f"token_heat: {len(toks)} tokens but {vals.size} values")
+    if colors is not None and len(colors) != len(toks):
+        raise ValueError(f"token_heat: {len(toks)} tokens but {len(colors)} colours")
+    lo, hi = float(vals.min()), float(vals.max())
+    norm = (vals - lo) / (hi - lo) if hi > lo else np.zeros_like(vals)
+    cm = mpl.colormaps[cmap]
+    if ax is None:
+        n_chars = sum(len(t) + 1 for t in toks)
+        n_lines = max(1, math.ceil(n_chars / width))
+        _, ax = plt.subplots(figsize=(0.085 * width * fontsize / 9 + 0.4,
+                                      0.32 * n_lines * fontsize / 9 + 0.5))
+    ax.set_axis_off()
+    fig = ax.figure
+    from matplotlib.transforms import offset_copy
+
+    renderer = fig.canvas.get_renderer()
+    box_w = max(ax.get_window_extent(renderer).width, 1.0)
+    pt = 72.0 / fig.dpi  # points per pixel
+    line_h = 2.0 * fontsize  # points
+    gap = 0.6 * fontsize  # points
+    x, y = 0.0, 0.5 * line_h  # points from the top-left corner
+    for i, t in enumerate(toks):
+        c = colors[i] if colors is not None else cm(0.85 * norm[i])
+        lum = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+        txt = ax.text(0.0, 1.0, t, fontsize=fontsize, family="monospace", va="center", ha="left",
+                      color="white" if lum < 0.5 else "black",
+                      bbox=dict(boxstyle="round,pad=0.15", fc=c, ec="none"))
+        w = txt.get_window_extent(renderer).width * pt
+        if x > 0 and (x + w) / pt > box_w:
+            x, y = 0.0, y + line_h
+        txt.set_transform(offset_copy(ax.transAxes, fig=fig, x=x, y=-y, units="points"))
+        x += w + gap
+    if title:
+        ax.set_title(title, fontsize=9, loc="left")
+    return ax
+
+
+def lambda2_heatmap(values, ax=None, title: str | None = None, layer_names: Sequence[str] | None = None,
+                    annot: bool | None = None, vmin: float | None = 0.0, vmax: float | None = 1.0,
+                    cbar_label: str = "|λ2|"):
+    """Seaborn heatmap of a per-(layer, head) quantity, e.g. ``|λ2|``; rows = layers."""
+    plt = _plt()
+    import seaborn as sns
+
+    v = to_numpy(values)
+    if v.ndim != 2:
+        raise ValueError(f"lambda2_heatmap: expected (layers, heads), got shape {v.shape}")
+    new = ax is None
+    if new:
+        _, ax = plt.subplots(figsize=(0.6 * v.shape[1] + 4.5, 0.42 * v.shape[0] + 1.6))
+    if annot is None:
+        annot = v.size <= 160
+    sns.heatmap(v, ax=ax, annot=annot, fmt=".2f", cmap="rocket", vmin=vmin, vmax=vmax,
+                annot_kws={"fontsize": 7}, cbar_kws={"label": cbar_label},
+                yticklabels=list(layer_names) if layer_names is not None else "auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.tick_params(axis="y", rotation=0, labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    if new:
+        ax.figure.tight_layout()
+    return ax
+
+
+# --------------------------------------------------------------------------------------------
+# explorers
+# --------------------------------------------------------------------------------------------
+def _default(choices):
+    if isinstance(choices, (list, tuple, range)):
+        return choices[0]
+    if isinstance(choices, Mapping):
+        return next(iter(choices.values()))
+    return choices
+
+
+def explorer(draw: Callable[..., object], controls: Mapping[str, object],
+             defaults: Mapping[str, object] | None = None, static: bool | None = None):
+    """Interactive controls in a live kernel, one static figure in the book.
+
+    Parameters
+    ----------
+    draw : callable
+        ``draw(**values)`` draws one figure (it may create it with ``plt.subplots``).
+    controls : mapping name -> choices
+        Anything ``ipywidgets.interact`` accepts (a list, a ``range``, a mapping label -> value).
+    defaults : mapping name -> value, optional
+        Values used for the static figure and as the widgets' initial values
+        (default: the first choice of each control).
+    static : bool, optional
+        Force static mode; by default :func:`is_static` decides (``ATTNCHAIN_STATIC=1``).
+
+    Returns
+    -------
+    The ``ipywidgets`` interactive object in a live kernel; the matplotlib figure in static mode.
+    """
+    plt = _plt()
+    values = {k: _default(c) for k, c in controls.items()}
+    values.update(defaults or {})
+    unknown = set(values) - set(controls)
+    if unknown:
+        raise ValueError(f"explorer: defaults for unknown controls {sorted(unknown)}")
+    if is_static() if static is None else static:
+        draw(**values)
+        fig = plt.gcf()
+        return fig
+
+    import ipywidgets as widgets
+
+    ws = {}
+    for k, c in controls.items():
+        v = values[k]
+        if isinstance(c, range) and len(c) > 1:
+            ws[k] = widgets.IntSlider(value=v, min=c.start, max=c[-1], step=c.step,
+                                      description=k, continuous_update=False)
+        elif isinstance(c, Mapping):
+            ws[k] = widgets.Dropdown(options=list(c.items()), value=v, description=k)
+        elif isinstance(c, (list, tuple)):
+            ws[k] = widgets.Dropdown(options=list(c), value=v, description=k)
+        else:
+            ws[k] = widgets.fixed(c)
+
+    def _show(**kw):
+        draw(**kw)
+        plt.show()
+
+    return widgets.interactive(_show, **ws)
+
+
+def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, prefix: int = 0,
+                       positions: Sequence[int] | None = None, tokens: Sequence[str] | None = None, title: str = "",
+                       defaults: Mapping[str, object] | None = None, static: bool | None = None,
+                       max_bounces: int = 10):
+    """Explore captured attention: layer, head, bounce count ``n``, start token, direction.
+
+    Parameters
+    ----------
+    attentions : mapping layer name -> (H, N, N) or (1, H, N, N) tensor
+        E.g. ``rec.attentions`` from :func:`attnchain.capture` (first batch element is used).
+    image, grid, prefix :
+        For vision models: the image, the patch grid ``(h, w)`` and the number of special tokens
+        before the patches; maps are drawn over the image. ``positions`` (e.g.
+        ``rec.layout.image``) lists the patch tokens explicitly and overrides ``prefix``. Without a grid, text ``tokens`` are
+        drawn with :func:`token_heat`.
+    defaults : initial values for ``layer``, ``head``, ``n``, ``start``, ``direction``.
+
+    Returns
+    -------
+    See :func:`explorer`.
+
+    Notes
+    -----
+    ``head`` offers each head and ``"mean"`` (uniform head mean) and ``"λ2-mean"``
+    (:func:`attnchain.weighted_head_mean`). The panel shows the matrix and ``v_n`` from
+    :func:`attnchain.bounce`.
+    """
+    from . import chain, spectral  # imported lazily: viz is importable on its own
+
+    plt = _plt()
+    mats = {}
+    for k, a in attentions.items():
+        a = a.detach()
+        if a.ndim == 4:
+            a = a[0]
+        if a.ndim != 3 or a.shape[-1] != a.shape[-2]:
+            raise ValueError(f"attention_explorer: layer {k!r} must be (H, N, N), got {tuple(a.shape)}")
+        mats[k] = a.float()
+    if not mats:
+        raise ValueError("attention_explorer: no attention matrices")
+    first = next(iter(mats.values()))
+    h, n_tok = first.shape[0], first.shape[-1]
+    head_choices = {f"head {i}": i for i in range(h)}
+    head_choices["mean"] = "mean"
+    head_choices["λ2-mean"] = "l2mean"
+    controls = {
+        "layer": list(mats),
+        "head": head_choices,
+        "n": range(1, max_bounces + 1),
+        "start": range(0, n_tok),
+        "direction": ["sink", "source"],
+    }
+
+    def _matrix(layer, head):
+        a = mats[layer]
+        if head == "mean":
+            return a.mean(0)
+        if head == "l2mean":
+            return spectral.weighted_head_mean(a, head_dim=0)
+        return a[head]
+
+    def draw(layer, head, n, start, direction):
+        a = _matrix(layer, head)
+        v = chain.bounce(a, int(start), int(n), direction=direction)[-1]
+        name = {"mean": "mean", "l2mean": "λ2-mean"}.get(head, f"head {head}")
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 1.3]})
+        show_matrix(a, ax=axes[0], title=f"{layer}, {name}")
+        axes[0].axhline(int(start), color="c", lw=0.8)
+        lab = f"v_{n} ({direction}) from token {start}"
+        if grid is not None:
+            vv = v[list(positions)] if positions is not None else v
+            overlay(patch_map(vv, grid, 0 if positions is not None else prefix), image,
+                    ax=axes[1], title=lab)
+        elif tokens is not None:
+            token_heat(tokens, v, ax=axes[1], title=lab)
+        else:
+            axes[1].bar(np.arange(v.shape[-1]), to_numpy(v))
+            axes[1].set_title(lab, fontsize=8)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    return explorer(draw, controls, defaults=defaults, static=static)

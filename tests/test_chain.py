@@ -1,0 +1,354 @@
+"""Tests for attnchain.chain against independent references (networkx, numpy float64, explicit
+matrix powers) plus hypothesis property tests."""
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnchain.chain import (ConvergenceError, ReducibleChainError, bounce, check_stochastic,
+                             damped, source_chain, stationary_dense, to_stochastic, token_rank)
+
+
+def rand_chain(*shape, seed=0, sparsity=0.0, temp=2.0, dtype=torch.float32):
+    """Random row-stochastic matrices (softmax of scaled Gaussians, optional exact zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * temp
+    A = torch.softmax(x, -1)
+    if sparsity:
+        keep = torch.rand(*shape, generator=g, dtype=torch.float64) > sparsity
+        keep |= torch.eye(shape[-1], dtype=torch.bool)  # no zero rows
+        A = A * keep
+        A = A / A.sum(-1, keepdim=True)
+    return A.to(dtype)
+
+
+def nx_pagerank(A, alpha, p=None):
+    """networkx reference: DiGraph with edge i -> j of weight A[i, j]."""
+    a = np.asarray(A, dtype=np.float64)
+    n = a.shape[0]
+    G = nx.DiGraph()
+    G.add_nodes_from(range(n))
+    for i, j in zip(*np.nonzero(a)):
+        G.add_edge(int(i), int(j), weight=float(a[i, j]))
+    pers = None if p is None else {i: float(p[i]) for i in range(n)}
+    pr = nx.pagerank(G, alpha=alpha, personalization=pers, weight="weight", tol=1e-14,
+                     max_iter=100000)
+    return np.array([pr[i] for i in range(n)])
+
+
+# ------------------------------------------------------------------ check_stochastic
+def test_check_stochastic_accepts_valid_and_half():
+    A = rand_chain(2, 7, 7)
+    check_stochastic(A)
+    check_stochastic(A.half(), atol=1e-2)
+    check_stochastic(A.double().numpy())
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda A: A[..., :-1], "square"),
+    (lambda A: A[0, 0, 0], "square"),
+    (lambda A: torch.zeros(0, 0), "empty"),
+    (lambda A: A.masked_fill(torch.rand_like(A) > 0.9, float("nan")), "NaN or Inf"),
+    (lambda A: A.index_put((torch.tensor(0), torch.tensor(1), torch.tensor(2)),
+                           torch.tensor(float("inf"))), "NaN or Inf"),
+    (lambda A: A - 0.05, "negative"),
+    (lambda A: A.index_fill(-2, torch.tensor([2]), 0.0), "zero rows"),
+    (lambda A: A * 1.01, "not summing to 1"),
+    (lambda A: A.to(torch.complex64), "real"),
+])
+def test_check_stochastic_errors(make, match):
+    A = rand_chain(2, 5, 5)
+    with pytest.raises(ValueError, match=match):
+        check_stochastic(make(A))
+
+
+def test_check_stochastic_atol():
+    A = rand_chain(4, 4) * (1 + 1e-3)
+    with pytest.raises(ValueError, match="not summing to 1"):
+        check_stochastic(A)
+    check_stochastic(A, atol=1e-2)
+
+
+# ------------------------------------------------------------------ to_stochastic
+def test_to_stochastic_logits_matches_explicit_softmax_and_mask():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(6, 6, generator=g) > 0.3
+    mask |= torch.eye(6, dtype=torch.bool)
+    A = to_stochastic(x, mask=mask, dtype=torch.float64)
+    e = np.exp(x.numpy()) * mask.numpy()
+    ref = e / e.sum(-1, keepdims=True)
+    np.testing.assert_allclose(A.numpy(), ref, atol=1e-12)
+    assert A.dtype == torch.float64
+    # 1-D key mask removes keys for every query
+    km = torch.tensor([True, False, True, True, False, True])
+    A1 = to_stochastic(x.float(), mask=km)
+    assert torch.all(A1[..., ~km] == 0)
+    check_stochastic(A1)
+
+
+def test_to_stochastic_weights():
+    w = torch.rand(3, 5, 5) + 0.1
+    A = to_stochastic(w, kind="weights")
+    torch.testing.assert_close(A, w / w.sum(-1, keepdim=True))
+    assert to_stochastic(w.half(), kind="weights").dtype == torch.float32
+
+
+@pytest.mark.parametrize("x, kw, match", [
+    (torch.zeros(3, 3), {"kind": "probs"}, "kind"),
+    (torch.zeros(3, 4), {}, "square"),
+    (torch.full((3, 3), float("nan")), {}, "NaN"),
+    (torch.zeros(3, 3), {"mask": torch.zeros(3, 3, dtype=torch.bool)}, "every key is masked"),
+    (torch.zeros(3, 3), {"mask": torch.ones(3, 3)}, "bool"),
+    (torch.zeros(3, 3), {"mask": torch.ones(4, dtype=torch.bool)}, "broadcast"),
+    (-torch.ones(3, 3), {"kind": "weights"}, "negative"),
+    (torch.zeros(3, 3), {"kind": "weights"}, "zero rows"),
+    (torch.full((3, 3), float("inf")), {"kind": "weights"}, "Inf"),
+    (torch.full((3, 3), float("inf")), {}, r"\+inf"),
+])
+def test_to_stochastic_errors(x, kw, match):
+    with pytest.raises(ValueError, match=match):
+        to_stochastic(x, **kw)
+
+
+# ------------------------------------------------------------------ bounce / source_chain
+def test_bounce_matches_matrix_powers_sink():
+    A = rand_chain(2, 3, 9, 9, seed=2, dtype=torch.float64)
+    out = bounce(A, 4, 5)
+    assert out.shape == (2, 3, 6, 9)
+    e = np.zeros(9)
+    e[4] = 1
+    for k in range(6):
+        ref = e @ np.linalg.matrix_power(A.numpy(), k)
+        np.testing.assert_allclose(out[..., k, :].numpy(), ref, atol=1e-12)
+    # n = 1 is row select
+    torch.testing.assert_close(out[..., 1, :], A[..., 4, :])
+
+
+def test_bounce_source_is_normalised_transpose():
+    A = rand_chain(8, 8, seed=3, sparsity=0.3, dtype=torch.float64)
+    a = A.numpy()
+    S_ref = (a / a.sum(0, keepdims=True)).T  # column-normalised, transposed
+    S = source_chain(A)
+    np.testing.assert_allclose(S.numpy(), S_ref, atol=1e-12)
+    check_stochastic(S)
+    out = bounce(A, 2, 3, direction="source")
+    for k in range(4):
+        ref = np.eye(8)[2] @ np.linalg.matrix_power(S_ref, k)
+        np.testing.assert_allclose(out[..., k, :].numpy(), ref, atol=1e-12)
+    # first step of the source chain is column select, normalised: "who attends to j"
+    np.testing.assert_allclose(out[..., 1, :].numpy(), a[:, 2] / a[:, 2].sum(), atol=1e-12)
+
+
+def test_bounce_start_forms_agree_and_broadcast():
+    A = rand_chain(3, 6, 6, seed=4)
+    by_int = bounce(A, 1, 3)
+    by_onehot = bounce(A, torch.eye(6)[1], 3)
+    torch.testing.assert_close(by_int, by_onehot)
+    idx = torch.tensor([0, 1, 5])
+    by_idx = bounce(A, idx, 2)
+    assert by_idx.shape == (3, 3, 6)
+    for b in range(3):
+        torch.testing.assert_close(by_idx[b], bounce(A[b], int(idx[b]), 2))
+    v = torch.softmax(torch.randn(6), 0)
+    out = bounce(A, v, 2)
+    torch.testing.assert_close(out[:, 2], torch.einsum("i,bij,bjk->bk", v, A, A),
+                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.sum(-1), torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"start": 6, "n": 1}, "out of range"),
+    ({"start": 0, "n": -1}, "non-negative"),
+    ({"start": 0, "n": 1, "direction": "up"}, "direction"),
+    ({"start": torch.ones(6), "n": 1}, "sum to 1"),
+    ({"start": -torch.eye(6)[0], "n": 1}, "negative"),
+    ({"start": torch.ones(5) / 5, "n": 1}, "last dim"),
+])
+def test_bounce_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        bounce(rand_chain(6, 6), **kw)
+
+
+def test_source_chain_zero_column():
+    A = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.3, 0.7, 0.0]])
+    with pytest.raises(ValueError, match="zero columns"):
+        source_chain(A)
+
+
+# ------------------------------------------------------------------ damped / token_rank
+def test_damped_formula():
+    A = rand_chain(5, 5, dtype=torch.float64)
+    p = torch.rand(5, dtype=torch.float64)
+    G = damped(A, 0.85, p)
+    ref = 0.85 * A + 0.15 * (p / p.sum())[None, :]
+    torch.testing.assert_close(G, ref)
+    check_stochastic(G)
+
+
+@pytest.mark.parametrize("seed, sparsity", [(0, 0.0), (1, 0.5), (2, 0.8)])
+@pytest.mark.parametrize("personalised", [False, True])
+def test_token_rank_vs_networkx(seed, sparsity, personalised):
+    A = rand_chain(40, 40, seed=seed, sparsity=sparsity, temp=3.0, dtype=torch.float64)
+    p = torch.rand(40, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    p = p if personalised else None
+    for alpha in (0.85, 0.99):
+        ref = nx_pagerank(A.numpy(), alpha, None if p is None else p.numpy())
+        pi = token_rank(A, alpha=alpha, personalization=p, tol=1e-12, dtype=torch.float64)
+        assert np.abs(pi.numpy() - ref).sum() < 1e-9
+        pi32 = token_rank(A.float(), alpha=alpha, personalization=p)
+        assert pi32.dtype == torch.float32
+        assert np.abs(pi32.double().numpy() - ref).sum() < 2e-5
+        dense = stationary_dense(A, alpha=alpha, personalization=p)
+        assert np.abs(dense.numpy() - ref).sum() < 1e-9
+
+
+@pytest.mark.parametrize("method", ["krylov", "power"])
+def test_token_rank_methods_agree_with_dense(method):
+    A = rand_chain(3, 64, 64, seed=5, temp=4.0, dtype=torch.float64)
+    pi, info = token_rank(A, method=method, tol=1e-11, dtype=torch.float64, return_info=True)
+    ref = stationary_dense(A)
+    assert (pi - ref).abs().sum(-1).max() < 1e-8
+    assert (info["residual"] < 1e-11).all() and info["passes"] >= 1
+
+
+def test_token_rank_krylov_uses_fewer_passes_on_slow_chain():
+    # two weakly coupled blocks: power iteration converges slowly, Krylov does not care
+    n = 50
+    blocks = torch.block_diag(rand_chain(25, 25, seed=6), rand_chain(25, 25, seed=7)).double()
+    A = 0.995 * blocks + 0.005 * rand_chain(n, n, seed=8).double()
+    _, ik = token_rank(A, tol=1e-8, dtype=torch.float64, return_info=True)
+    _, ip = token_rank(A, tol=1e-8, dtype=torch.float64, method="power", return_info=True)
+    assert ik["passes"] * 3 < ip["passes"]
+
+
+def test_token_rank_periodic_chain_alpha_one():
+    # bipartite (period-2) chain with a non-uniform stationary law; plain power iteration
+    # from a point mass would oscillate forever
+    B = torch.tensor([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], dtype=torch.float64)
+    C = torch.tensor([[0.1, 0.3, 0.6], [0.7, 0.2, 0.1]], dtype=torch.float64)
+    A = torch.zeros(5, 5, dtype=torch.float64)
+    A[:3, 3:] = B
+    A[3:, :3] = C
+    ref = stationary_dense(A, alpha=1.0)
+    w, v = np.linalg.eig(A.numpy().T)  # independent check: left eigenvector of eigenvalue 1
+    v1 = np.real(v[:, np.argmin(np.abs(w - 1))])
+    np.testing.assert_allclose(ref.numpy(), v1 / v1.sum(), atol=1e-12)
+    for method in ("krylov", "power"):
+        pi = token_rank(A, alpha=1.0, method=method, tol=1e-12, dtype=torch.float64)
+        np.testing.assert_allclose(pi.numpy(), ref.numpy(), atol=1e-10)
+    cyc = torch.roll(torch.eye(7), 1, 1)
+    torch.testing.assert_close(token_rank(cyc, alpha=1.0), torch.full((7,), 1 / 7))
+    x = torch.eye(7)[0]
+    assert (x @ cyc @ cyc - x).abs().sum() > 1  # the oscillation the method avoids
+
+
+def test_token_rank_reducible_alpha_one_raises():
+    A = torch.block_diag(rand_chain(4, 4, seed=1), rand_chain(3, 3, seed=2))
+    with pytest.raises(ReducibleChainError, match="reducible.*2 closed classes"):
+        token_rank(A, alpha=1.0)
+    with pytest.raises(ValueError, match="not unique"):
+        stationary_dense(A, alpha=1.0)
+    pi = token_rank(A, alpha=0.9)  # damping makes it unique
+    torch.testing.assert_close(pi, stationary_dense(A, alpha=0.9).float(), atol=1e-5, rtol=0)
+
+
+def test_token_rank_transient_states_have_unique_answer_alpha_one():
+    # state 0 is transient, {1, 2} is the single closed class: unique π = (0, 1/2, 1/2)
+    A = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    pi = token_rank(A, alpha=1.0, tol=1e-12, dtype=torch.float64)
+    np.testing.assert_allclose(pi.numpy(), [0, 0.5, 0.5], atol=1e-10)
+
+
+def test_token_rank_does_not_converge_raises():
+    A = torch.block_diag(rand_chain(20, 20, seed=1), rand_chain(20, 20, seed=2))
+    A = 0.999 * A + 0.001 / 40
+    with pytest.raises(ConvergenceError, match="did not converge in 3 passes"):
+        token_rank(A, max_iter=3, method="power")
+    with pytest.raises(RuntimeError, match="did not converge"):
+        token_rank(A, max_iter=2)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"alpha": 1.5}, "alpha"),
+    ({"alpha": -0.1}, "alpha"),
+    ({"personalization": -torch.ones(5)}, "negative"),
+    ({"personalization": torch.zeros(5)}, "sums to 0"),
+    ({"personalization": torch.ones(4)}, "last dim"),
+    ({"tol": 0}, "tol"),
+    ({"max_iter": 0}, "max_iter"),
+    ({"method": "eig"}, "method"),
+    ({"dtype": torch.float16}, "dtype"),
+])
+def test_token_rank_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        token_rank(rand_chain(5, 5), **kw)
+
+
+def test_token_rank_bad_matrix():
+    with pytest.raises(ValueError, match="negative"):
+        token_rank(torch.tensor([[1.5, -0.5], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="NaN"):
+        token_rank(torch.tensor([[float("nan"), 1.0], [0.5, 0.5]]))
+
+
+def test_token_rank_dtypes_and_personalisation_batch():
+    A = rand_chain(2, 16, 16, seed=9)
+    assert token_rank(A.half()).dtype == torch.float32
+    assert token_rank(A.bfloat16()).dtype == torch.float32
+    assert token_rank(A, dtype=torch.float64).dtype == torch.float64
+    P = torch.eye(16)[:3]  # three personalisations broadcast against one matrix
+    pi = token_rank(A[0], personalization=P, tol=1e-7)
+    assert pi.shape == (3, 16)
+    for i in range(3):
+        torch.testing.assert_close(pi[i], token_rank(A[0], personalization=P[i], tol=1e-7),
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_kept():  # pragma: no cover - no GPU in CI
+    A = rand_chain(2, 32, 32).cuda()
+    assert token_rank(A).device.type == "cuda"
+    assert bounce(A, 0, 2).device.type == "cuda"
+    torch.testing.assert_close(token_rank(A).cpu(), token_rank(A.cpu()), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ properties
+chains = st.builds(
+    lambda seed, n, b, temp, sp: rand_chain(b, n, n, seed=seed, temp=temp, sparsity=sp,
+                                            dtype=torch.float64),
+    st.integers(0, 2**31 - 1), st.integers(1, 24), st.integers(1, 3),
+    st.floats(0.1, 6.0), st.sampled_from([0.0, 0.5, 0.9]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(A=chains, alpha=st.floats(0.5, 0.99))
+def test_property_stationary(A, alpha):
+    pi = token_rank(A, alpha=alpha, tol=1e-10, dtype=torch.float64)
+    assert (pi >= 0).all()
+    torch.testing.assert_close(pi.sum(-1), torch.ones(A.shape[0], dtype=torch.float64))
+    G = damped(A, alpha)
+    step = (pi.unsqueeze(-2) @ G).squeeze(-2)
+    assert (step - pi).abs().sum(-1).max() < 1e-9  # fixed point
+    # batching does not change results
+    for b in range(A.shape[0]):
+        single = token_rank(A[b], alpha=alpha, tol=1e-10, dtype=torch.float64)
+        assert (single - pi[b]).abs().sum() < 1e-8
+    assert (pi - stationary_dense(A, alpha=alpha)).abs().sum(-1).max() < 1e-7
+
+
+@settings(max_examples=30, deadline=None)
+@given(A=chains, n=st.integers(0, 4), direction=st.sampled_from(["sink", "source"]))
+def test_property_bounce_distributions(A, n, direction):
+    try:
+        out = bounce(A, 0, n, direction=direction)
+    except ValueError as e:  # a key nobody attends to has no source step
+        assert "zero columns" in str(e) and direction == "source"
+        return
+    assert out.shape == (*A.shape[:-2], n + 1, A.shape[-1])
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(out.shape[:-1], dtype=out.dtype))
+    single = bounce(A[0], 0, n, direction=direction)
+    torch.testing.assert_close(single, out[0])
