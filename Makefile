@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SRC := _build/src
+SRC := _book
 MATHJAX := 3.2.2
 
 # Chapters and tests run in the offline profile unless told otherwise; the built book shows static
@@ -40,7 +40,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# A copy of the book's sources, so executing the chapters never writes outputs into notebooks/.
+# A copy of the book's sources (outside _build, which nbmake skips), so executing the chapters
+# never writes outputs into notebooks/.
 $(SRC)/_vendor/mathjax/tex-chtml.js:
 	mkdir -p $(SRC)/_vendor/mathjax _build/cache
 	[ -f _build/cache/mathjax-$(MATHJAX).tgz ] || (cd _build/cache && npm pack --silent mathjax@$(MATHJAX))
@@ -58,7 +59,7 @@ chapters: setup sources
 	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
 
 html: setup
-	$(VENV)/bin/jupyter-book build -W -n --keep-going $(SRC) --path-output .
+	$(VENV)/bin/jupyter-book build -W --keep-going $(SRC) --path-output .
 
 browser: setup
 	if ! command -v chromium >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; fi

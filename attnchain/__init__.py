@@ -11,29 +11,43 @@ from . import capture, zoo
 from .chain import (
     ConvergenceError,
     ReducibleChainError,
+    bipartite_chain,
     bounce,
     check_stochastic,
     damped,
+    planted_chain,
+    rollout,
     source_chain,
     stationary_dense,
     to_stochastic,
     token_rank,
 )
-from .spectral import eigenvalues, head_weights, lambda2, metastable_states, weighted_head_mean
+from .spectral import (
+    choose_bounces,
+    eigenvalues,
+    head_weights,
+    lambda2,
+    metastable_states,
+    weighted_head_mean,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceError",
     "ReducibleChainError",
+    "bipartite_chain",
     "bounce",
     "capture",
     "check_stochastic",
+    "choose_bounces",
     "damped",
     "eigenvalues",
     "head_weights",
     "lambda2",
     "metastable_states",
+    "planted_chain",
+    "rollout",
     "source_chain",
     "stationary_dense",
     "to_stochastic",

@@ -44,6 +44,9 @@ __all__ = [
     "damped",
     "token_rank",
     "stationary_dense",
+    "planted_chain",
+    "bipartite_chain",
+    "rollout",
 ]
 
 
@@ -107,7 +110,7 @@ def _prepare(A, dtype=None, atol: float = 1e-4, check: bool = True, name: str = 
         atol = max(atol, torch.finfo(A.dtype).eps)
     A = A.to(_compute_dtype(A, dtype))
     if check:
-        check_stochastic(A, atol=atol)
+        _check_rows(A, atol, name)
     if low:
         A = A / A.sum(-1, keepdim=True)
     return A
@@ -148,6 +151,11 @@ def check_stochastic(A, atol: float = 1e-4) -> None:
     """
     A = _as_tensor(A, "A")
     _check_square(A)
+    _check_rows(A, atol)
+
+
+def _check_rows(A: torch.Tensor, atol: float, name: str = "A") -> None:
+    """The row checks of :func:`check_stochastic` for ``(..., M, N)`` (square or not)."""
     if A.dtype in (torch.float16, torch.bfloat16):
         atol = max(atol, torch.finfo(A.dtype).eps)
     if not A.is_floating_point():
@@ -156,20 +164,21 @@ def check_stochastic(A, atol: float = 1e-4) -> None:
     if not torch.isfinite(rows).all():
         bad = ~torch.isfinite(A)
         if bad.any():
-            raise ValueError(f"A contains NaN or Inf entries (first at index {_first_bad(bad)})")
-        raise ValueError("A has rows whose sum overflows to Inf")
+            raise ValueError(f"{name} contains NaN or Inf entries (first at index "
+                             f"{_first_bad(bad)})")
+        raise ValueError(f"{name} has rows whose sum overflows to Inf")
     amin = A.amin()
     if amin < 0:
-        raise ValueError(f"A has negative entries (min {amin.item():.3g}, first at index "
+        raise ValueError(f"{name} has negative entries (min {amin.item():.3g}, first at index "
                          f"{_first_bad(A < 0)}); a transition matrix must be non-negative")
     zero = rows == 0
     if zero.any():
-        raise ValueError(f"A has zero rows (first at batch/row index {_first_bad(zero)}): "
+        raise ValueError(f"{name} has zero rows (first at batch/row index {_first_bad(zero)}): "
                          "every row must be a probability distribution")
     dev = (rows - 1).abs()
     if (dev > atol).any():
         worst = dev.max().item()
-        raise ValueError(f"A has rows not summing to 1 (max |row sum - 1| = {worst:.3g} > "
+        raise ValueError(f"{name} has rows not summing to 1 (max |row sum - 1| = {worst:.3g} > "
                          f"atol = {atol:g}, first at batch/row index {_first_bad(dev > atol)}); "
                          "use to_stochastic(x, kind='weights') to normalise")
 
@@ -734,3 +743,245 @@ def _power_from(chain: _Damped, x, alpha: float, tol: float, max_iter: int, meth
     raise ConvergenceError(
         f"token_rank(method={method!r}) did not converge in {max_iter} passes: L1 change "
         f"{worst:.3g} >= tol = {tol:g}")
+
+
+# ----------------------------------------------------------------------------------------------
+# example chains and related constructions
+# ----------------------------------------------------------------------------------------------
+def planted_chain(sizes, leak: float = 0.1, concentration: float = 1.0, shuffle: bool = False,
+                  seed: int = 0, dtype: Optional[torch.dtype] = None, device=None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""A random row-stochastic chain with planted blocks (metastable states known in advance).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Block sizes :math:`n_1, \dots, n_k` (each >= 1); :math:`N = \sum_b n_b`.
+    leak : float in [0, 1]
+        Exactly this much probability mass of every row leaves the row's own block.
+    concentration : float > 0
+        Concentration :math:`c` of the random entries (Dirichlet(:math:`c`) rows): large values
+        make rows flat inside and outside the block, small values make them spiky.
+    shuffle : bool
+        Randomly permute the tokens so that blocks are not contiguous.
+    seed : int
+        Seed of a private NumPy generator (no global random state is touched); the same seed
+        gives the same chain for every ``dtype`` and ``device``.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64`` for the result (drawn in float64).
+    device : torch.device or str, optional
+        Device of the result (CPU by default).
+
+    Returns
+    -------
+    A : Tensor, shape (N, N)
+        Row-stochastic transition matrix.
+    labels : LongTensor, shape (N,)
+        The planted block of each token, ``0 .. k-1``.
+
+    Raises
+    ------
+    ValueError
+        Empty ``sizes`` or a block size < 1, ``leak`` outside [0, 1], ``leak > 0`` with a single
+        block (nowhere to leak to), ``concentration <= 0``, or an unsupported ``dtype``.
+
+    Notes
+    -----
+    Let :math:`b(i)` be the block of token ``i``. Row ``i`` is
+
+    .. math::
+
+        A_{ij} = (1 - \ell)\, d^{\mathrm{in}}_{ij}\, [b(j) = b(i)]
+               + \ell\, d^{\mathrm{out}}_{ij}\, [b(j) \ne b(i)],
+
+    with :math:`d^{\mathrm{in}}_{i\cdot}` and :math:`d^{\mathrm{out}}_{i\cdot}` independent
+    Dirichlet(:math:`c`) vectors on the tokens inside and outside the block (drawn as normalised
+    Gamma(:math:`c`, 1) variables), :math:`\ell` = ``leak``. So every row sends exactly
+    :math:`\ell` of its mass out of its block. With :math:`\ell = 0` the chain is reducible
+    (``k`` closed classes, eigenvalue 1 with multiplicity ``k``); for small :math:`\ell` it is
+    *nearly completely decomposable* (Simon & Ando): ``k`` eigenvalues close to 1, then a
+    spectral gap.
+    If the out-of-block mass were spread uniformly over ``k`` equal blocks, the lumped ``k``-state
+    chain would have eigenvalues :math:`1` and :math:`1 - \ell k / (k - 1)` (multiplicity
+    :math:`k - 1`).
+
+    References
+    ----------
+    Simon, Ando. "Aggregation of variables in dynamic systems". Econometrica 29(2), 1961
+    (nearly decomposable systems).
+    """
+    import numpy as np
+
+    try:
+        sizes = [int(s) for s in sizes]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"planted_chain: sizes must be a sequence of positive ints, got "
+                         f"{sizes!r}") from err
+    if len(sizes) == 0 or any(s < 1 for s in sizes):
+        raise ValueError(f"planted_chain: sizes must be a non-empty list of positive ints, "
+                         f"got {sizes}")
+    leak = float(leak)
+    if not 0.0 <= leak <= 1.0:
+        raise ValueError(f"planted_chain: leak must lie in [0, 1], got {leak}")
+    if len(sizes) == 1 and leak > 0:
+        raise ValueError("planted_chain: a single block has nowhere to leak to; use leak=0")
+    if not float(concentration) > 0:
+        raise ValueError(f"planted_chain: concentration must be positive, got {concentration}")
+    out_dtype = _compute_dtype(torch.empty(0), dtype)
+    rng = np.random.default_rng(int(seed))
+    n = sum(sizes)
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    same = labels[:, None] == labels[None, :]
+    w = torch.from_numpy(rng.gamma(float(concentration), 1.0, size=(n, n))) + 1e-12
+    w_in = torch.where(same, w, torch.zeros_like(w))
+    w_out = torch.where(same, torch.zeros_like(w), w)
+    a = (1.0 - leak) * w_in / w_in.sum(-1, keepdim=True)
+    if leak > 0:
+        a = a + leak * w_out / w_out.sum(-1, keepdim=True)
+    if shuffle:
+        perm = torch.from_numpy(rng.permutation(n))
+        a = a[perm][:, perm]
+        labels = labels[perm]
+    a = a / a.sum(-1, keepdim=True)
+    return a.to(device=device, dtype=out_dtype), labels.to(device)
+
+
+def bipartite_chain(A, dtype: Optional[torch.dtype] = None, atol: float = 1e-4) -> torch.Tensor:
+    r"""The square chain on queries ∪ keys built from a non-square (cross-)attention matrix.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., Nq, Nk)
+        Row-stochastic cross-attention (rows = queries, columns = keys).
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default; float64 input stays float64) or ``torch.float64``.
+    atol : float
+        Row-sum tolerance of the input check (raised to machine epsilon for half precision).
+
+    Returns
+    -------
+    P : Tensor, shape (..., Nq + Nk, Nq + Nk)
+        The block matrix :math:`P = \begin{pmatrix} 0 & A \\ B & 0 \end{pmatrix}`, row-stochastic,
+        on the device of ``A``.
+
+    Raises
+    ------
+    ValueError
+        ``A`` with fewer than two dims or an empty dim, non-real dtype, NaN/Inf or negative
+        entries, zero rows, or rows not summing to 1 within ``atol``.
+
+    Notes
+    -----
+    :math:`B_{ji} = A_{ij} / \sum_k A_{kj}` is :math:`A^\top` with its rows normalised: key ``j``
+    steps to query ``i`` in proportion to how much ``i`` attends to ``j`` ("who attends to j",
+    the source direction of :func:`source_chain`). A key that no query attends to gets a uniform
+    row :math:`1/N_q` over the queries so that ``P`` stays row-stochastic.
+
+    The chain alternates query → key → query, so it is periodic with period 2 (its spectrum is
+    symmetric under :math:`\lambda \mapsto -\lambda` and contains :math:`-1`); the two-step chains
+    :math:`AB` (on queries) and :math:`BA` (on keys) are ordinary square chains. This is the
+    standard bipartite construction for a rectangular kernel, as in co-clustering by bipartite
+    spectral partitioning (Dhillon).
+
+    References
+    ----------
+    Dhillon. "Co-clustering documents and words using bipartite spectral graph partitioning".
+    KDD 2001.
+    """
+    A = _as_tensor(A, "A")
+    if A.is_complex() or A.dtype == torch.bool:
+        raise ValueError(f"bipartite_chain: A must be a real floating tensor, got dtype {A.dtype}")
+    if A.ndim < 2:
+        raise ValueError(f"bipartite_chain: expected (..., Nq, Nk), got shape {tuple(A.shape)}")
+    if A.shape[-1] == 0 or A.shape[-2] == 0:
+        raise ValueError(f"bipartite_chain: A is empty, shape {tuple(A.shape)}")
+    low = A.dtype in (torch.float16, torch.bfloat16)
+    _check_rows(A, atol, "bipartite_chain: A")
+    a = A.to(_compute_dtype(A, dtype))
+    if low:
+        a = a / a.sum(-1, keepdim=True)
+    nq, nk = a.shape[-2], a.shape[-1]
+    b = a.transpose(-1, -2)
+    s = b.sum(-1, keepdim=True)
+    b = torch.where(s > 0, b / s.clamp_min(torch.finfo(b.dtype).tiny), torch.full_like(b, 1.0 / nq))
+    top = torch.cat([torch.zeros(*a.shape[:-2], nq, nq, dtype=a.dtype, device=a.device), a], -1)
+    bot = torch.cat([b, torch.zeros(*a.shape[:-2], nk, nk, dtype=a.dtype, device=a.device)], -1)
+    return torch.cat([top, bot], -2)
+
+
+def rollout(attentions, residual: float = 0.5, dtype: Optional[torch.dtype] = None,
+            atol: float = 1e-4) -> torch.Tensor:
+    r"""Attention rollout across layers (Abnar & Zuidema, 2020), to compare with multi-bounce.
+
+    Parameters
+    ----------
+    attentions : sequence or mapping of Tensors, each of shape (..., N, N), first layer first
+        Row-stochastic attention per layer (average the heads before calling). A mapping (such
+        as ``rec.attentions`` of :func:`attnchain.capture`) is used in its iteration order; a
+        tensor of shape ``(L, ..., N, N)`` is read as ``L`` layers along dim 0. Leading batch
+        dims broadcast across layers.
+    residual : float in [0, 1]
+        Weight :math:`r` of the identity that models the residual connection.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default; float64 if any layer is float64) or ``torch.float64``.
+    atol : float
+        Row-sum tolerance of the input check.
+
+    Returns
+    -------
+    R : Tensor, shape (..., N, N)
+        Row-stochastic; row ``i`` is how much token ``i`` at the last layer draws from each input
+        token. On the device of the first layer.
+
+    Raises
+    ------
+    ValueError
+        No layers, ``residual`` outside [0, 1], a layer that is not a batch of row-stochastic
+        square matrices (see :func:`check_stochastic`), or layers with different ``N``.
+
+    Notes
+    -----
+    With :math:`\hat A_l = r I + (1 - r) A_l`,
+
+    .. math::  R = \hat A_L \hat A_{L-1} \cdots \hat A_1 ,
+
+    computed as :math:`R_1 = \hat A_1`, :math:`R_l = \hat A_l R_{l-1}`: the output at layer
+    :math:`l` reads the output of layer :math:`l - 1`. Each :math:`\hat A_l` is row-stochastic,
+    so ``R`` is too: a *time-inhomogeneous* chain with one step per layer, whereas
+    :func:`bounce` takes ``n`` steps of one layer's chain. Abnar & Zuidema use :math:`r = 0.5`.
+
+    References
+    ----------
+    Abnar, Zuidema. "Quantifying Attention Flow in Transformers". ACL 2020, arXiv:2005.00928.
+    """
+    from collections.abc import Mapping
+
+    mats = list(attentions.values()) if isinstance(attentions, Mapping) else list(attentions)
+    if not mats:
+        raise ValueError("rollout: no attention matrices given")
+    residual = float(residual)
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"rollout: residual must lie in [0, 1], got {residual}")
+    mats = [_as_tensor(a, f"attentions[{i}]") for i, a in enumerate(mats)]
+    if dtype is None and any(a.dtype == torch.float64 for a in mats):
+        dtype = torch.float64
+    r = None
+    n = None
+    for i, a in enumerate(mats):
+        try:
+            a = _prepare(a, dtype, atol, name=f"rollout: attentions[{i}]")
+        except ValueError as err:
+            if "rollout" in str(err):
+                raise
+            raise ValueError(f"rollout: attentions[{i}]: {err}") from err
+        if n is None:
+            n = a.shape[-1]
+        elif a.shape[-1] != n:
+            raise ValueError(f"rollout: attentions[{i}] has N = {a.shape[-1]} tokens, the first "
+                             f"layer has N = {n}")
+        if r is not None:
+            a = a.to(r.device)
+        eye = torch.eye(n, dtype=a.dtype, device=a.device)
+        step = residual * eye + (1.0 - residual) * a
+        r = step if r is None else step @ r
+    return r

@@ -1,10 +1,9 @@
 """Figures and explorers for the book: matrices, spectra, bounce strips, overlays, widgets.
 
-Everything here draws; the Markov-chain math lives in :mod:`attnchain.chain` and
-:mod:`attnchain.spectral`. Two small generators of *example* chains also live here
-(:func:`planted_chain`, :func:`bipartite_chain`) and one reference method from another paper
-(:func:`rollout`) because the chapters need them; they are candidates to move into
-:mod:`attnchain.chain` (see the notes on each).
+Everything here draws; the Markov-chain math lives in :mod:`attnchain.chain` (including the
+example chains :func:`~attnchain.chain.planted_chain`, :func:`~attnchain.chain.bipartite_chain`
+and attention :func:`~attnchain.chain.rollout`) and :mod:`attnchain.spectral` (including
+:func:`~attnchain.spectral.choose_bounces`).
 
 Static mode
 -----------
@@ -26,10 +25,6 @@ from torch import Tensor
 __all__ = [
     "is_static",
     "tag",
-    "planted_chain",
-    "bipartite_chain",
-    "rollout",
-    "choose_bounces",
     "mask_to_grid",
     "to_numpy",
     "show_matrix",
@@ -82,203 +77,8 @@ def _plt():
 
 
 # --------------------------------------------------------------------------------------------
-# example chains (math kept minimal; see notes)
+# image-grid helpers
 # --------------------------------------------------------------------------------------------
-def planted_chain(
-    sizes: Sequence[int],
-    leak: float = 0.1,
-    concentration: float = 1.0,
-    shuffle: bool = False,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """A random row-stochastic chain with planted blocks ("metastable states" known in advance).
-
-    Parameters
-    ----------
-    sizes : sequence of int
-        Block sizes ``n_1, ..., n_k`` (each >= 1); ``N = sum(sizes)``.
-    leak : float in [0, 1]
-        Exactly this much probability mass of every row leaves the row's own block.
-    concentration : float > 0
-        Dirichlet concentration of the random entries: large values make rows flat inside and
-        outside the block, small values make them spiky.
-    shuffle : bool
-        Randomly permute the tokens so blocks are not contiguous.
-    seed : int
-        Seed of a private NumPy generator (nothing global is touched).
-    dtype : torch.dtype
-
-    Returns
-    -------
-    A : (N, N) tensor, row-stochastic
-    labels : (N,) LongTensor, the planted block of each token
-
-    Notes
-    -----
-    Row ``i`` in block ``b`` is ``(1 - leak) * d_in`` on the tokens of ``b`` and ``leak * d_out`` on
-    the others, with ``d_in``, ``d_out`` independent Dirichlet(``concentration``) draws. With
-    ``leak = 0`` the chain is reducible (``k`` closed classes, eigenvalue 1 with multiplicity
-    ``k``); for small ``leak`` it has ``k`` eigenvalues close to 1 and a spectral gap after them.
-    If the out-of-block mass were spread uniformly over ``k`` equal blocks, the lumped ``k``-state
-    chain would have eigenvalues ``1`` and ``1 - leak * k / (k - 1)``.
-
-    This is an example generator for the book, kept here until it moves to
-    :mod:`attnchain.chain`.
-    """
-    sizes = [int(s) for s in sizes]
-    if len(sizes) == 0 or any(s < 1 for s in sizes):
-        raise ValueError(f"planted_chain: sizes must be a non-empty list of positive ints, got {sizes}")
-    if not 0.0 <= float(leak) <= 1.0:
-        raise ValueError(f"planted_chain: leak must lie in [0, 1], got {leak}")
-    if len(sizes) == 1 and leak > 0:
-        raise ValueError("planted_chain: a single block has nowhere to leak to; use leak=0")
-    if not concentration > 0:
-        raise ValueError(f"planted_chain: concentration must be positive, got {concentration}")
-    rng = np.random.default_rng(int(seed))
-    n = sum(sizes)
-    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    same = labels[:, None] == labels[None, :]
-    w = torch.from_numpy(rng.gamma(float(concentration), 1.0, size=(n, n))) + 1e-12
-    w_in = torch.where(same, w, torch.zeros_like(w))
-    w_out = torch.where(same, torch.zeros_like(w), w)
-    a = (1.0 - leak) * w_in / w_in.sum(-1, keepdim=True)
-    if leak > 0:
-        a = a + leak * w_out / w_out.sum(-1, keepdim=True)
-    if shuffle:
-        perm = torch.from_numpy(rng.permutation(n))
-        a = a[perm][:, perm]
-        labels = labels[perm]
-    a = a / a.sum(-1, keepdim=True)
-    return a.to(dtype), labels
-
-
-def bipartite_chain(A: Tensor) -> Tensor:
-    """The square chain on queries ∪ keys built from a non-square (cross-)attention matrix.
-
-    Parameters
-    ----------
-    A : (..., Nq, Nk) tensor
-        Row-stochastic cross-attention (rows = queries).
-
-    Returns
-    -------
-    (..., Nq + Nk, Nq + Nk) tensor
-        ``[[0, A], [B, 0]]`` where ``B`` is ``A^T`` with its rows normalised (key ``j`` moves to
-        query ``i`` with probability proportional to ``A[i, j]``: "who attends to ``j``").
-
-    Notes
-    -----
-    The chain alternates query -> key -> query, so it has period 2; its two-step chains
-    ``A B`` (queries) and ``B A`` (keys) are ordinary square chains. A key that no query attends
-    to gets a uniform row over the queries so the result stays row-stochastic.
-
-    Kept here until it moves to :mod:`attnchain.chain`.
-    """
-    if A.ndim < 2:
-        raise ValueError(f"bipartite_chain: expected (..., Nq, Nk), got shape {tuple(A.shape)}")
-    a = A.to(torch.promote_types(A.dtype, torch.float32))
-    if torch.isnan(a).any() or (a < 0).any():
-        raise ValueError("bipartite_chain: A has NaN or negative entries")
-    nq, nk = a.shape[-2], a.shape[-1]
-    b = a.transpose(-1, -2)
-    s = b.sum(-1, keepdim=True)
-    b = torch.where(s > 0, b / s.clamp_min(torch.finfo(b.dtype).tiny), torch.full_like(b, 1.0 / nq))
-    top = torch.cat([torch.zeros(*a.shape[:-2], nq, nq, dtype=a.dtype, device=a.device), a], -1)
-    bot = torch.cat([b, torch.zeros(*a.shape[:-2], nk, nk, dtype=a.dtype, device=a.device)], -1)
-    return torch.cat([top, bot], -2)
-
-
-def rollout(attentions: Sequence[Tensor] | Mapping[str, Tensor], residual: float = 0.5) -> Tensor:
-    """Attention rollout across layers (Abnar & Zuidema, 2020), for comparison with bounces.
-
-    Parameters
-    ----------
-    attentions : sequence or mapping of (..., N, N) tensors, first layer first
-        Row-stochastic attention per layer (average heads before calling).
-    residual : float in [0, 1]
-        Weight of the identity that models the residual connection.
-
-    Returns
-    -------
-    (..., N, N) tensor
-        ``R = Â_L ... Â_2 Â_1`` with ``Â_l = residual * I + (1 - residual) * A_l``; row ``i`` is
-        how much token ``i`` at the last layer draws from each input token.
-
-    Notes
-    -----
-    Each ``Â_l`` is row-stochastic, so ``R`` is too: a *time-inhomogeneous* chain, one step per
-    layer, whereas multi-bounce takes ``n`` steps of one layer's chain. Composition order: the
-    output at layer ``L`` reads the output of layer ``L - 1``, so ``R = Â_L R_{L-1}``.
-
-    References
-    ----------
-    S. Abnar and W. Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020.
-
-    Kept here until it moves to :mod:`attnchain.chain`.
-    """
-    mats = list(attentions.values()) if isinstance(attentions, Mapping) else list(attentions)
-    if not mats:
-        raise ValueError("rollout: no attention matrices given")
-    if not 0.0 <= residual <= 1.0:
-        raise ValueError(f"rollout: residual must lie in [0, 1], got {residual}")
-    r = None
-    for a in mats:
-        if a.shape[-1] != a.shape[-2]:
-            raise ValueError(f"rollout: attention must be square, got {tuple(a.shape)}")
-        a = a.to(torch.promote_types(a.dtype, torch.float32))
-        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        step = residual * eye + (1.0 - residual) * a
-        r = step if r is None else step @ r
-    return r
-
-
-def choose_bounces(A: Tensor, eps: float = 0.1, max_n: int = 10, k_max: int = 16) -> Tensor:
-    """A spectral rule for the number of bounces ``n`` (Chapter 3), per matrix.
-
-    Parameters
-    ----------
-    A : (..., N, N) tensor, row-stochastic
-    eps : float in (0, 1)
-        How far the fast (within-state) modes must have decayed.
-    max_n : int
-        Upper clamp; the result lies in ``[1, max_n]``.
-    k_max : int
-        Largest number of metastable states considered.
-
-    Returns
-    -------
-    (...,) LongTensor
-        ``n* = ceil(log(eps) / log|λ_{k+1}|)`` where ``k`` is the position of the largest drop
-        ``|λ_k| - |λ_{k+1}|`` among the first ``k_max + 1`` eigenvalue magnitudes; ``n* = 1``
-        when ``k = 1`` (no metastable structure: bouncing would only mix toward the
-        stationary distribution).
-
-    Notes
-    -----
-    After ``n`` steps the modes with ``|λ| <= |λ_{k+1}|`` are damped by at least
-    ``|λ_{k+1}|^n``: mass started at a token has spread over its metastable state (up to ``eps``)
-    while the ``k`` slow modes, which separate the states, have barely decayed. The rule is the
-    book's, tested in Chapter 3; it is kept here until it moves to :mod:`attnchain.spectral`.
-    """
-    from . import spectral
-
-    if not 0.0 < eps < 1.0:
-        raise ValueError(f"choose_bounces: eps must lie in (0, 1), got {eps}")
-    if max_n < 1:
-        raise ValueError(f"choose_bounces: max_n must be >= 1, got {max_n}")
-    n_tok = A.shape[-1]
-    kk = min(k_max + 1, n_tok)
-    mags = spectral.eigenvalues(A, k=kk).abs().to(torch.float64)  # (..., kk), decreasing
-    gaps = mags[..., :-1] - mags[..., 1:]
-    k = gaps.argmax(-1) + 1  # number of slow modes
-    lam = mags.gather(-1, k.unsqueeze(-1)).squeeze(-1).clamp(1e-12, 1 - 1e-12)
-    n = torch.ceil(math.log(eps) / torch.log(lam)).clamp(1, max_n)
-    # no metastable structure (the largest drop is 1 -> |λ2|): nothing to consolidate, row select
-    n = torch.where(k == 1, torch.ones_like(n), n)
-    return n.long()
-
-
 def mask_to_grid(mask, grid: tuple[int, int]) -> Tensor:
     """Area-average an ``(H, W)`` boolean/0-1 mask onto a patch grid: ``(h, w)`` fractions."""
     m = torch.as_tensor(to_numpy(mask)).to(torch.float64)

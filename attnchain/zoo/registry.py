@@ -154,7 +154,11 @@ def timm_preprocess(model: nn.Module, device: torch.device, dtype=None) -> Calla
 
 
 def text_preprocess(tokenizer, device: torch.device, max_length: int = 128) -> Callable:
-    """Text or list of texts -> tokenizer output dict (padded, ``return_tensors="pt"``) on device."""
+    """Text or list of texts -> tokenizer output dict (padded, ``return_tensors="pt"``) on device.
+
+    The returned function carries the tokenizer as ``preprocess.tokenizer`` (for token strings:
+    ``preprocess.tokenizer.convert_ids_to_tokens(ids)``) and ``preprocess.max_length``.
+    """
     def preprocess(text: str | list[str]) -> dict:
         if isinstance(text, str):
             text = [text]
@@ -163,6 +167,8 @@ def text_preprocess(tokenizer, device: torch.device, max_length: int = 128) -> C
         enc = tokenizer(list(text), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
+    preprocess.tokenizer = tokenizer
+    preprocess.max_length = max_length
     return preprocess
 
 
