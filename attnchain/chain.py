@@ -2,7 +2,7 @@ r"""Dense Markov-chain operations on attention matrices.
 
 An attention matrix ``A`` of shape ``(..., N, N)`` (rows = queries, columns = keys, every row a
 probability distribution) is the transition matrix of a discrete-time Markov chain over the
-``N`` tokens [1]_. Distributions are **row vectors**: one step of the chain maps ``v`` to ``v A``.
+``N`` tokens (Erel et al., 2025). Distributions are **row vectors**: one step of the chain maps ``v`` to ``v A``.
 
 This module holds the Markov operations: validating and building chains (:func:`check_stochastic`,
 :func:`to_stochastic`), multi-bounce propagation (:func:`bounce`, :func:`source_chain`), and the
@@ -16,15 +16,15 @@ with a :class:`ValueError` that names the problem. float16/bfloat16 inputs are u
 ``atol`` raised to the input type's machine epsilon (rounding to half precision moves row sums by
 up to half of it) and their rows renormalised after the upcast.
 
-References
-----------
-.. [1] Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
+**References**
+
+- Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
    Chains". NeurIPS 2025, arXiv:2507.17657.
-.. [2] Page, Brin, Motwani, Winograd. "The PageRank Citation Ranking: Bringing Order to the Web".
+- Page, Brin, Motwani, Winograd. "The PageRank Citation Ranking: Bringing Order to the Web".
    Stanford InfoLab technical report, 1999.
-.. [3] Saad, Schultz. "GMRES: A generalized minimal residual algorithm for solving nonsymmetric
+- Saad, Schultz. "GMRES: A generalized minimal residual algorithm for solving nonsymmetric
    linear systems". SIAM J. Sci. Stat. Comput. 7(3), 1986.
-.. [4] Levin, Peres, Wilmer. "Markov Chains and Mixing Times", 2nd ed., AMS 2017 (lazy chains,
+- Levin, Peres, Wilmer. "Markov Chains and Mixing Times", 2nd ed., AMS 2017 (lazy chains,
    closed classes and uniqueness of the stationary distribution).
 """
 from __future__ import annotations
@@ -349,7 +349,7 @@ def bounce(A, start, n: int, direction: str = "sink", dtype: Optional[torch.dtyp
 
     Notes
     -----
-    Costs ``n`` batched vector-matrix products, never a matrix power. The paper [1]_ finds
+    Costs ``n`` batched vector-matrix products, never a matrix power. The paper (Erel et al., 2025) finds
     ``n = 2`` best for segmentation.
     """
     if direction not in ("sink", "source"):
@@ -420,7 +420,7 @@ def damped(A, alpha: float = 0.99, personalization=None, dtype: Optional[torch.d
     -------
     Tensor, shape (..., N, N)
         The damped chain; row-stochastic, and for ``alpha < 1`` with positive ``p`` irreducible
-        and aperiodic, so its stationary distribution is unique [2]_.
+        and aperiodic, so its stationary distribution is unique (Page et al., 1999).
     """
     alpha = _check_alpha(alpha)
     A = _prepare(A, dtype, atol)
@@ -431,7 +431,7 @@ def damped(A, alpha: float = 0.99, personalization=None, dtype: Optional[torch.d
 def _closed_class_count(A: torch.Tensor) -> torch.Tensor:
     """Number of closed communicating classes of each chain in a batch (..., N, N) -> (...,).
 
-    A chain has a unique stationary distribution iff it has exactly one closed class [4]_.
+    A chain has a unique stationary distribution iff it has exactly one closed class (Levin et al., 2017).
     All-positive chains (every softmax without masking) have one; others go through scipy's
     strongly connected components.
     """
@@ -491,7 +491,7 @@ def stationary_dense(A, alpha: float = 0.99, personalization=None, atol: float =
 
     Notes
     -----
-    For :math:`\alpha < 1`, :math:`\pi (I - \alpha A) = (1-\alpha) p` [2]_. For
+    For :math:`\alpha < 1`, :math:`\pi (I - \alpha A) = (1-\alpha) p` (Page et al., 1999). For
     :math:`\alpha = 1`, :math:`\pi (I - A + \mathbf 1 u^\top) = u^\top` with :math:`u = \mathbf
     1/N`, a system that is non-singular exactly when the stationary distribution is unique.
     Costs :math:`O(N^3)` per matrix; use :func:`token_rank` for speed.

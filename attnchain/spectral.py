@@ -1,21 +1,21 @@
-r"""Eigen-analysis of attention chains: |λ2|, spectra, λ2 head weighting, metastable states.
+r"""Eigen-analysis of attention chains: :math:`|\lambda_2|`, spectra, λ2 head weighting, metastable states.
 
 For a row-stochastic ``A`` of shape ``(..., N, N)`` the largest eigenvalue is
 :math:`\lambda_1 = 1`; the second-largest magnitude :math:`|\lambda_2|` measures how slowly the
-chain mixes (:math:`\|v_0 A^n - \pi\| \sim |\lambda_2|^n`). Erel et al. [1]_ use it to weight
+chain mixes (:math:`\|v_0 A^n - \pi\| \sim |\lambda_2|^n`). Erel et al. (2025) use it to weight
 attention heads: structured heads mix slowly (large :math:`|\lambda_2|`), noisy heads fast.
 
 Markov operations (checks, bounce, TokenRank) live in :mod:`attnchain.chain`.
 
-References
-----------
-.. [1] Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
+**References**
+
+- Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
    Chains". NeurIPS 2025, arXiv:2507.17657.
-.. [2] Saad. "Numerical Methods for Large Eigenvalue Problems", 2nd ed., SIAM 2011 (Arnoldi).
-.. [3] Deuflhard, Weber. "Robust Perron cluster analysis in conformation dynamics". Linear
+- Saad. "Numerical Methods for Large Eigenvalue Problems", 2nd ed., SIAM 2011 (Arnoldi).
+- Deuflhard, Weber. "Robust Perron cluster analysis in conformation dynamics". Linear
    Algebra Appl. 398, 2005 (PCCA+).
-.. [4] Meila, Shi. "A random walks view of spectral segmentation". AISTATS 2001.
-.. [5] Shi, Malik. "Normalized cuts and image segmentation". IEEE TPAMI 22(8), 2000.
+- Meila, Shi. "A random walks view of spectral segmentation". AISTATS 2001.
+- Shi, Malik. "Normalized cuts and image segmentation". IEEE TPAMI 22(8), 2000.
 """
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def head_weights(A, head_dim: int = -3, method: str = "auto",
 
     Notes
     -----
-    Erel et al. [1]_ weight heads by :math:`|\lambda_2|`: a head whose chain mixes slowly
+    Erel et al. (2025) weight heads by :math:`|\lambda_2|`: a head whose chain mixes slowly
     keeps structure (metastable token groups); one that mixes fast is close to uniform noise.
     """
     A = _prepare(A, dtype)
@@ -279,7 +279,7 @@ def weighted_head_mean(A, head_dim: int = -3, method: str = "auto",
 
 
 def _inner_simplex(X: torch.Tensor) -> torch.Tensor:
-    """Indices of k rows of X (N, k) spanning the (near-)simplex of PCCA+ [3]_ (greedy)."""
+    """Indices of k rows of X (N, k) spanning the (near-)simplex of PCCA+ (Deuflhard & Weber, 2005) (greedy)."""
     k = X.shape[1]
     Y = X.clone()
     idx = [int(Y.norm(dim=1).argmax())]
@@ -325,10 +325,10 @@ def metastable_states(A, k: Optional[int] = None, k_max: int = 10, alpha: float 
     2. Additive reversibilisation :math:`W = (D A + A^\top D)/2`, symmetric, and the normalised
        :math:`L = D^{-1/2} W D^{-1/2}` with eigenvalues :math:`1 = \mu_1 \ge \mu_2 \ge \dots`.
        :math:`D^{-1} W` is a reversible chain with the same stationary law; eigenvalues near 1
-       mean sets the chain rarely leaves (Meila & Shi [4]_; normalised cuts, Shi & Malik [5]_).
+       mean sets the chain rarely leaves (Meila & Shi (2001); normalised cuts, Shi & Malik (2000)).
     3. :math:`X = D^{-1/2} U_{:, :k}` (right eigenvectors, first column constant). For a nearly
        decomposable chain the rows of ``X`` cluster at the ``k`` vertices of a simplex; PCCA+'s
-       inner-simplex algorithm [3]_ picks ``k`` vertex rows greedily, memberships are
+       inner-simplex algorithm (Deuflhard & Weber, 2005) picks ``k`` vertex rows greedily, memberships are
        :math:`\chi = X X_{\mathrm{vert}}^{-1}` and each token takes the group of its largest
        membership.
     Dense :math:`O(N^3)` (``torch.linalg.eigh`` in float64) per matrix.

@@ -52,8 +52,8 @@ Steps: when the captured object is an ``nn.Module``, the core counts its forward
 (a pipeline) an adapter calls ``recorder.begin_step()`` at the start of each denoiser call.
 ``recorder.wants_step()`` says whether the current step is selected.
 
-References
-----------
+**References**
+
 Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2507.17657.
 """
 from __future__ import annotations
