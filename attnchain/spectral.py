@@ -328,9 +328,10 @@ def metastable_states(A, k: Optional[int] = None, k_max: int = 10, alpha: float 
        mean sets the chain rarely leaves (Meila & Shi (2001); normalised cuts, Shi & Malik (2000)).
     3. :math:`X = D^{-1/2} U_{:, :k}` (right eigenvectors, first column constant). For a nearly
        decomposable chain the rows of ``X`` cluster at the ``k`` vertices of a simplex; PCCA+'s
-       inner-simplex algorithm (Deuflhard & Weber, 2005) picks ``k`` vertex rows greedily, memberships are
-       :math:`\chi = X X_{\mathrm{vert}}^{-1}` and each token takes the group of its largest
-       membership.
+       inner-simplex algorithm (Deuflhard & Weber, 2005) picks ``k`` vertex rows greedily,
+       memberships are :math:`\chi = X X_{\mathrm{vert}}^{-1}` and each token takes the group of
+       its largest membership.
+
     Dense :math:`O(N^3)` (``torch.linalg.eigh`` in float64) per matrix.
     """
     A = _prepare(A, torch.float64, atol)
