@@ -17,7 +17,6 @@ export ATTNCHAIN_PROFILE ?= offline
 export ATTNCHAIN_STATIC := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: book test setup sources unit chapters html browser clean
