@@ -615,7 +615,9 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     atol : float
         Row-sum tolerance of the input check.
     return_info : bool
-        Also return a dict with ``"passes"`` (products with ``A``, checks excluded),
+        Also return a dict with ``"passes"`` (products with ``A``, checks excluded, in units of
+        the whole of ``A``: with several groups (Notes) it is the size-weighted mean of the
+        groups' counts, 2 decimals),
         ``"check_passes"`` and ``"residual"`` (final L1 change per matrix, shape ``(...,)``).
 
     Returns
@@ -657,6 +659,14 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     ``"power"`` with ``alpha = 1`` iterates the lazy chain :math:`(I + A)/2`, which has the
     same stationary law and is aperiodic, so periodic chains converge instead of oscillating.
 
+    **Memory traffic.** Each product reads all of ``A``. On CPU the batch is solved in groups of
+    at most ``TOKEN_RANK_GROUP_BYTES`` (32 MiB), one group to convergence before the next, so
+    that a group's repeated products find it in cache rather than streaming the whole batch from
+    memory every pass; the input check runs group by group just before the group's first
+    product (errors still name indices in the whole batch). The rule above then holds for each
+    group, hence for every matrix; ``max_iter`` bounds the passes of each group. On other
+    devices the whole batch is one group.
+
     References
     ----------
     .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025.
@@ -670,15 +680,55 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-    A = _prepare(A, dtype, atol, check=check)
+    A = _as_tensor(A, "A")
+    _check_square(A)
+    # the check runs group by group, just before each group's first product (Notes);
+    # half-precision input is checked up front, before its rows are renormalised
+    late_check = check and A.dtype in (torch.float32, torch.float64)
+    A = _prepare(A, dtype, atol, check=check and not late_check)
     N = A.shape[-1]
     p = _personalization(personalization, N, A.dtype, A.device)
+    if late_check and alpha == 1.0:  # _check_unique needs a valid chain
+        _check_rows(A, atol)
+        late_check = False
     if alpha == 1.0:
         _check_unique(A)
     batch = torch.broadcast_shapes(A.shape[:-2], p.shape[:-1])
     A3 = A.expand(*batch, N, N).reshape(-1, N, N)
     P2 = p.expand(*batch, N).reshape(-1, N)
     B = A3.shape[0]
+    size = A3[0].numel() * A3.element_size()
+    g = B if A3.device.type != "cpu" else max(1, TOKEN_RANK_GROUP_BYTES // size)
+    xs, errs, passes = [], [], 0.0
+    for s in range(0, B, g):
+        if late_check:
+            try:
+                _check_rows(A3[s:s + g], atol)
+            except ValueError:
+                _check_rows(A3, atol)  # raise with indices into the whole batch
+                raise
+        x, err, n = _token_rank_solve(A3[s:s + g], P2[s:s + g], alpha, tol, max_iter, method)
+        xs.append(x)
+        errs.append(err)
+        passes += n * x.shape[0] / B
+    x, err = torch.cat(xs), torch.cat(errs)
+    pi = x.reshape(*batch, N)
+    if return_info:
+        info = {"passes": round(passes, 2), "check_passes": 2 if check else 0,
+                "residual": err.reshape(batch)}
+        return pi, info
+    return pi
+
+
+#: On CPU, token_rank solves the matrices in groups of at most this many bytes, one group after
+#: the other, so that the repeated products with a group find it in cache.
+TOKEN_RANK_GROUP_BYTES = 32 * 2 ** 20
+
+
+def _token_rank_solve(A3, P2, alpha: float, tol: float, max_iter: int, method: str):
+    """The solver of :func:`token_rank` on (B, N, N), (B, N); returns (pi, L1 change, passes)."""
+    B, N = A3.shape[0], A3.shape[-1]
+    A = A3
     chain = _Damped(A3, alpha, P2)
 
     if method == "power":
@@ -720,12 +770,7 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
             r0 = b - (x - alpha * xA + cu * x.sum(-1, keepdim=True))
             x, _ = _gmres_cycle(op, x, r0, m, target, max_iter - chain.passes)
             x = _normalise(x)
-    pi = x.reshape(*batch, N)
-    if return_info:
-        info = {"passes": chain.passes, "check_passes": 2 if check else 0,
-                "residual": err.reshape(batch)}
-        return pi, info
-    return pi
+    return x, err, chain.passes
 
 
 def _power_from(chain: _Damped, x, alpha: float, tol: float, max_iter: int, method: str):

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from attnchain.chain import stationary_dense, token_rank
 from attnchain.spectral import lambda2
@@ -110,6 +111,9 @@ def main():
     ap.add_argument("--no-arpack", action="store_true", help="skip the ARPACK comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # The same number of threads for numpy/scipy's BLAS (ARPACK's products), so neither side of a
+    # ratio gets cores the other does not.
+    threadpool_limits(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     H = args.heads
     print(f"attnchain markov_core benchmark: H = {H} heads, float32, device {args.device}, "
