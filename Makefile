@@ -18,6 +18,8 @@ export ATTNCHAIN_STATIC := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# Per-checkout cache of long evaluations (chapter 7), so a fresh clone computes everything anew.
+export ATTNCHAIN_CACHE ?= $(CURDIR)/_build/cache
 
 .PHONY: book test setup sources unit chapters html browser clean
 
