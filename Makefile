@@ -57,7 +57,7 @@ unit: setup
 	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_book.py
 
 chapters: setup sources
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
+	$(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
 
 html: setup
 	$(VENV)/bin/jupyter-book build -W --keep-going $(SRC) --path-output .
