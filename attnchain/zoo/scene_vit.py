@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .images import to_chw_float
+
 __all__ = [
     "WEIGHTS_DIR",
     "WEIGHTS_FILE",
@@ -120,47 +122,6 @@ def make_patch_head(config: dict | None = None) -> nn.Linear:
     return nn.Linear(cfg["embed_dim"], cfg["num_classes"] + 1)
 
 
-def _to_chw_float(image) -> torch.Tensor:
-    """Any supported image -> ``(3, H, W)`` or ``(B, 3, H, W)`` float32 tensor in [0, 1]."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow ships with the test extras
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] not in (3, 4):
-            raise ValueError(f"numpy images must have shape (H, W, 3), got {image.shape}")
-        arr = image[..., :3]
-        if arr.dtype == np.uint8:
-            arr = arr.astype(np.float32) / 255.0
-        elif np.issubdtype(arr.dtype, np.floating):
-            arr = arr.astype(np.float32)
-        else:
-            raise ValueError(f"numpy images must be uint8 or float, got dtype {arr.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        if image.ndim not in (3, 4) or image.shape[-3] != 3:
-            raise ValueError(
-                f"tensor images must have shape (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}"
-            )
-        t = image.detach()
-        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-    else:
-        raise ValueError(
-            f"unsupported image type {type(image).__name__}: expected a PIL image, an (H, W, 3) "
-            "numpy array or a (3, H, W) tensor"
-        )
-    if not torch.isfinite(t).all():
-        raise ValueError("image contains NaN or Inf")
-    if t.numel() and (t.min() < -1e-3 or t.max() > 1 + 1e-3):
-        raise ValueError(
-            "float images must be in [0, 1], got range "
-            f"[{t.min().item():.3g}, {t.max().item():.3g}]"
-        )
-    return t.clamp(0.0, 1.0)
-
-
 def make_preprocess(config: dict | None = None, device=None):
     """Return ``preprocess(image) -> (1, 3, S, S)`` normalised float32 tensor on ``device``.
 
@@ -175,7 +136,7 @@ def make_preprocess(config: dict | None = None, device=None):
     std = torch.tensor(cfg["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
     def preprocess(image) -> torch.Tensor:
-        t = _to_chw_float(image)
+        t = to_chw_float(image)
         if t.ndim == 3:
             t = t.unsqueeze(0)
         if t.shape[-2:] != (size, size):
