@@ -154,13 +154,16 @@ def check_stochastic(A, atol: float = 1e-4) -> None:
     _check_rows(A, atol)
 
 
-def _check_rows(A: torch.Tensor, atol: float, name: str = "A") -> None:
-    """The row checks of :func:`check_stochastic` for ``(..., M, N)`` (square or not)."""
+def _check_rows(A: torch.Tensor, atol: float, name: str = "A",
+                rows: Optional[torch.Tensor] = None) -> None:
+    """The row checks of :func:`check_stochastic` for ``(..., M, N)`` (square or not);
+    ``rows``: the row sums, when a caller already has them (from a product with ones)."""
     if A.dtype in (torch.float16, torch.bfloat16):
         atol = max(atol, torch.finfo(A.dtype).eps)
     if not A.is_floating_point():
         A = A.to(torch.float64)
-    rows = A.sum(-1, dtype=torch.float64 if A.dtype == torch.float64 else torch.float32)
+    if rows is None:
+        rows = A.sum(-1, dtype=torch.float64 if A.dtype == torch.float64 else torch.float32)
     if not torch.isfinite(rows).all():
         bad = ~torch.isfinite(A)
         if bad.any():

@@ -11,7 +11,10 @@ Markov operations (checks, bounce, TokenRank) live in :mod:`attnchain.chain`.
 
 - Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
    Chains". NeurIPS 2025, arXiv:2507.17657.
-- Saad. "Numerical Methods for Large Eigenvalue Problems", 2nd ed., SIAM 2011 (Arnoldi).
+- Saad. "Numerical Methods for Large Eigenvalue Problems", 2nd ed., SIAM 2011 (Arnoldi,
+   block Krylov methods, Rayleigh-Ritz).
+- Stewart. "A Krylov-Schur algorithm for large eigenproblems". SIAM J. Matrix Anal. Appl.
+   23(3), 2001.
 - Deuflhard, Weber. "Robust Perron cluster analysis in conformation dynamics". Linear
    Algebra Appl. 398, 2005 (PCCA+).
 - Meila, Shi. "A random walks view of spectral segmentation". AISTATS 2001.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .chain import (ConvergenceError, _as_tensor, _check_rows, _check_square, _prepare,
@@ -73,100 +77,188 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
     return ev if k is None else ev[..., :k]
 
 
-def _arnoldi_lambda2(A3: torch.Tensor, v: torch.Tensor, m_max: int, tol: float,
-                     max_restarts: int):
-    """Batched Arnoldi for |λ2| on the zero-sum subspace from start vectors v (B, N).
+#: Block size of the Krylov iteration. A product of ``A`` with up to three vectors costs
+#: about one matrix-vector product on CPU (it is limited by reading ``A``; see
+#: ``benchmarks/markov_core.py``), so each pass over ``A`` adds three directions, not one.
+KRYLOV_BLOCK = 3
 
-    Returns ``(|λ2| (B,), matvecs)``: ``matvecs`` counts products ``v A_b`` with single
-    matrices (a full pass over the batch is ``B`` of them). A matrix whose dominant Ritz pair
-    meets the residual rule is frozen: its Ritz value is final and ``A_b`` is not read again.
+
+def _zero_mean_rows(B: int, b: int, N: int, seed: int, like: torch.Tensor):
+    """(B, b, N) random rows with zero mean from ``seed``, drawn on CPU (device independent)."""
+    x = torch.randn(B, b, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (x - x.mean(-1, keepdim=True)).to(device=like.device, dtype=like.dtype)
+
+
+def _orthogonalize(W: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Rows of ``W`` minus their mean and their part in the span of the orthonormal rows of
+    ``K`` (classical Gram-Schmidt, twice)."""
+    for _ in range(2):
+        W = W - W.mean(-1, keepdim=True)
+        if K.shape[-2]:
+            W = W - (W @ K.mT) @ K
+    return W
+
+
+def _extend_basis(W: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Orthonormal zero-mean rows, orthogonal to ``K`` (B, m, N), spanning the new part of the
+    rows of ``W`` (B, b, N). A row with nothing new (zero up to rounding) is replaced by a
+    random direction: Rayleigh-Ritz needs an orthonormal basis, not the Krylov recurrence,
+    so any new direction is valid. The random rows depend only on the position in the basis,
+    so results do not depend on how matrices are batched."""
+    scale = W.norm(dim=-1)
+    W = _orthogonalize(W, K)
+    norm = W.norm(dim=-1)
+    lost = norm <= 64 * torch.finfo(W.dtype).eps * scale
+    if bool(lost.any()):
+        fresh = _zero_mean_rows(1, W.shape[1], W.shape[2], 7919 * (K.shape[-2] + 1), W)
+        W = torch.where(lost.unsqueeze(-1), _orthogonalize(fresh, K), W)
+        norm = W.norm(dim=-1)
+    Q, R = torch.linalg.qr(W.mT)
+    if bool((R.diagonal(dim1=-2, dim2=-1).abs() < 1e-2 * norm).any()):
+        # rows nearly dependent on each other: their QR directions lean on rounding errors,
+        # which may have parts along K; project once more
+        Q = torch.linalg.qr(_orthogonalize(Q.mT, K).mT).Q
+    return Q.mT
+
+
+def _ritz(T: torch.Tensor, K: torch.Tensor, AK: torch.Tensor):
+    r"""Rayleigh-Ritz for ``P A`` on the span of the orthonormal rows of ``K`` (B, m, N), given
+    ``AK`` (rows :math:`(P A k_i)^T`) and ``T = K AK^T`` in float64, so that
+    :math:`P A (y K) = (T y) K + \text{residual}`.
+
+    Returns the Ritz values (B, m) sorted by decreasing magnitude and, for the dominant one
+    :math:`\theta`, the residual norm :math:`\|P A z - \theta z\|_2` (B,) of its unit Ritz
+    vector ``z`` (inf where its coefficients could not be computed). The coefficients come
+    from one step of inverse iteration with :math:`\theta` as the shift, which costs less
+    than a full eigendecomposition of ``T``.
+    """
+    ev = torch.linalg.eigvals(T)
+    ev = ev.gather(-1, torch.sort(ev.abs(), dim=-1, descending=True, stable=True).indices)
+    m = T.shape[-1]
+    shift = ev[:, :1, None] * (1 + 2.0 ** -44) + 2.0 ** -60
+    M = T.to(ev.dtype) - shift * torch.eye(m, dtype=ev.dtype, device=T.device)
+    y, info = torch.linalg.solve_ex(M, torch.ones(T.shape[0], m, 1, dtype=ev.dtype,
+                                                  device=T.device))
+    y = y.squeeze(-1)
+    y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    parts = torch.stack([y.real, y.imag], -2).to(K.dtype)  # real arithmetic on the big rows
+    z, Pz = parts @ K, parts @ AK  # (B, 2, N): real and imaginary parts of z and of P A z
+    a, b = (t.to(K.dtype)[:, None] for t in (ev[:, 0].real, ev[:, 0].imag))
+    r_re = Pz[:, 0] - a * z[:, 0] + b * z[:, 1]
+    r_im = Pz[:, 1] - a * z[:, 1] - b * z[:, 0]
+    resid = torch.sqrt(r_re.square().sum(-1) + r_im.square().sum(-1))
+    return ev, torch.where((info == 0) & resid.isfinite(), resid, torch.inf)
+
+
+def _leading_schur_rows(T: torch.Tensor, keep: int) -> torch.Tensor:
+    """Orthonormal rows (B, k, m) spanning, for each ``T`` (B, m, m), its invariant subspace
+    of the ``keep`` eigenvalues of largest magnitude (``keep + 1`` where the last would split
+    a complex-conjugate pair; matrices with fewer get zero rows): the leading real Schur
+    vectors, reordered by LAPACK (:func:`scipy.linalg.schur`). Keeping an invariant subspace
+    lets the Krylov iteration go on after a restart as if uninterrupted (Krylov-Schur
+    restart, Stewart 2001)."""
+    from scipy.linalg import schur
+    Tn = T.detach().cpu().numpy()
+    rows = np.zeros((len(Tn), keep + 1, Tn.shape[-1]))
+    for i, t in enumerate(Tn):
+        mag = np.sort(np.abs(np.linalg.eigvals(t)))[::-1]
+        below = mag[mag < mag[keep - 1] * (1 - 1e-9)]
+        thr = (mag[keep - 1] + below[0]) / 2 if below.size else mag[keep - 1] * (1 - 1e-9)
+        _, Z, sdim = schur(t, output="real", sort=lambda re, im: np.hypot(re, im) > thr)
+        rows[i, : min(sdim, keep + 1)] = Z[:, : keep + 1].T[:sdim]
+    return torch.from_numpy(rows).to(T.device)
+
+
+def _block_krylov_lambda2(A3: torch.Tensor, K: torch.Tensor, AK: torch.Tensor,
+                          W: torch.Tensor, max_dim: int, tol: float, max_restarts: int):
+    """|λ2| of each matrix of A3 (B, N, N) by thick-restarted block Krylov iteration with
+    Rayleigh-Ritz on zero-mean vectors (:func:`lambda2`, Notes).
+
+    Starts from orthonormal zero-mean rows ``K`` (B, m, N), their products ``AK`` (rows
+    :math:`(P A k)^T`) and the rows ``W`` (B, b, N) the next block is made from (the newest
+    products). Returns ``(|λ2| (B,), products)``: ``products`` counts products of single
+    matrices with a block of vectors (each reads the matrix once). A matrix whose dominant
+    Ritz pair meets the residual rule is frozen: its Ritz value is final and it is not read
+    again.
     """
     B, N = A3.shape[0], A3.shape[-1]
-    dt, dev = A3.dtype, A3.device
-    m_max = min(m_max, N - 1)
-    matvecs = 0
-    active = [True] * B  # matrices still iterating (a Python list: the product loop reads it)
-    theta_out = torch.zeros(B, dtype=dt, device=dev)
-    for _ in range(max_restarts + 1):
-        v = v - v.mean(-1, keepdim=True)
-        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        V = A3.new_zeros(B, m_max + 1, N)
-        H = A3.new_zeros(B, m_max + 1, m_max)
-        V[:, 0] = v
-        for j in range(m_max):
-            live = [b for b in range(B) if active[b]]
-            if len(live) == B:  # one batched pass over A
-                w = torch.matmul(V[:, j].unsqueeze(1), A3).squeeze(1)
-            else:  # read only the matrices still iterating; frozen ones get w = 0
-                w = torch.zeros_like(v)
-                for b in live:
-                    w[b] = torch.matmul(V[b, j], A3[b])
-            matvecs += len(live)
-            w = w - w.mean(-1, keepdim=True)  # re-project onto {w : w . 1 = 0}
-            Vj = V[:, : j + 1]
-            for _ in range(2):  # classical Gram-Schmidt, twice
-                h = torch.matmul(Vj, w.unsqueeze(-1)).squeeze(-1)
-                w = w - torch.matmul(h.unsqueeze(1), Vj).squeeze(1)
-                H[:, : j + 1, j] += h
-            hn = w.norm(dim=-1)
-            H[:, j + 1, j] = hn
-            ok = hn > 1e-12
-            V[:, j + 1] = torch.where(ok.unsqueeze(-1), w / hn.clamp_min(1e-30).unsqueeze(-1), 0.0)
-            k = j + 1
-            if k < min(4, m_max) and bool(ok.all()):
-                continue
-            Hk = H[:, :k, :k].to(torch.float64)
-            ev, vec = torch.linalg.eig(Hk)
-            idx = ev.abs().argmax(-1)
-            theta = ev.gather(-1, idx[:, None]).squeeze(-1).abs().to(dt)
-            y = vec.gather(-1, idx[:, None, None].expand(B, k, 1)).squeeze(-1)  # unit L2 norm
-            resid = (hn.to(torch.float64) * y[:, -1].abs()).to(dt)
-            resid = torch.where(ok, resid, torch.zeros_like(resid))
-            done = (resid <= tol).tolist()
-            for b in live:
-                if done[b]:
-                    active[b] = False
-                    theta_out[b] = theta[b]
-            if not any(active):
-                return theta_out, matvecs
-        # explicit restart from the dominant Ritz vector (real and imaginary parts combined)
-        z = torch.matmul(y.unsqueeze(1), V[:, :k].to(y.dtype)).squeeze(1)
-        v = (z.real + z.imag).to(dt)
-    worst = max(resid[b].item() for b in range(B) if active[b])
-    raise ConvergenceError(
-        f"lambda2(method='krylov') did not converge after {max_restarts} restarts of "
-        f"{m_max} Arnoldi steps (Ritz residual {worst:.3g} > tol = {tol:g}); "
-        "try method='dense'")
+    max_dim = max(2 * W.shape[-2], min(max_dim, N - 1))  # zero-mean vectors: N - 1 dimensions
+    keep = max_dim // 2
+    live = list(range(B))  # K, AK and W hold the rows of these matrices only
+    theta_out = A3.new_zeros(B)
+    products = restarts = 0
+    while True:
+        T = (K @ AK.mT).to(torch.float64)
+        ev, resid = _ritz(T, K, AK)
+        m = K.shape[-2]
+        done = resid <= tol
+        if m == N - 1:  # the whole space: Rayleigh-Ritz is exact
+            done[:] = True
+        if bool(done.any()):
+            for j in done.nonzero()[:, 0].tolist():
+                theta_out[live[j]] = ev[j, 0].abs()
+            go = ~done
+            live = [i for i, g in zip(live, go.tolist()) if g]
+            if not live:
+                return theta_out, products
+            K, AK, W, T, resid = K[go], AK[go], W[go], T[go], resid[go]
+        nxt = _extend_basis(W[:, : N - 1 - m], K)  # the next block, orthogonal to K
+        if m + nxt.shape[-2] > max_dim:  # thick restart: keep the leading Ritz vectors
+            if restarts == max_restarts:
+                raise ConvergenceError(
+                    f"lambda2(method='krylov') did not converge after {max_restarts} restarts "
+                    f"of {max_dim}-dimensional block Krylov spaces (Ritz residual "
+                    f"{resid.max().item():.3g} > tol = {tol:g}); try method='dense'")
+            restarts += 1
+            C = _leading_schur_rows(T, keep).to(K.dtype)  # K -> C K, P A K -> C (P A K)
+            K, AK = C @ K, C @ AK
+        if len(live) == B:  # one batched pass; (A x)^T = x^T A^T for the rows x of `nxt`
+            W = nxt @ A3.mT
+        else:  # read only the matrices still iterating
+            W = torch.stack([x @ A3[i].mT for x, i in zip(nxt, live)])
+        products += len(live)
+        W = W - W.mean(-1, keepdim=True)
+        K, AK = torch.cat([K, nxt], -2), torch.cat([AK, W], -2)
 
 
 #: On CPU, Krylov runs the matrices in groups of at most this many bytes, one group after
-#: the other, so that the ~20 products with a group find it in cache (:func:`lambda2`, Notes).
+#: the other, so that the ~10 passes over a group find it in cache (:func:`lambda2`, Notes).
 KRYLOV_GROUP_BYTES = 32 * 2 ** 20
 
 
-def _krylov_lambda2(A3: torch.Tensor, m_max: int, tol: float, max_restarts: int, atol: float,
+def _krylov_lambda2(A3: torch.Tensor, max_dim: int, tol: float, max_restarts: int, atol: float,
                     check: bool, seed: int = 0):
-    """:func:`_arnoldi_lambda2` over cache-sized groups of A3 (B, N, N), each checked first
-    when ``check``; returns (|λ2| (B,), products with single matrices)."""
+    """:func:`_block_krylov_lambda2` over cache-sized groups of A3 (B, N, N); returns
+    (|λ2| (B,), products of single matrices with a block of vectors).
+
+    The first product of a group multiplies all-ones besides its first ``KRYLOV_BLOCK - 1``
+    start vectors: it yields the row sums, so that the input check (when ``check``) costs
+    only one more pass (the minimum) instead of two."""
     B, N = A3.shape[0], A3.shape[-1]
-    gen = torch.Generator().manual_seed(seed)
-    v0 = torch.randn(B, N, generator=gen, dtype=torch.float64).to(device=A3.device,
-                                                                  dtype=A3.dtype)
+    b = min(KRYLOV_BLOCK, N - 1)
+    start = _extend_basis(_zero_mean_rows(1, b, N, seed, A3), A3[:1, :0])  # same for all
+    ones = torch.ones_like(start[:, :1])
     size = A3[0].numel() * A3.element_size()
     g = B if A3.device.type != "cpu" else max(1, KRYLOV_GROUP_BYTES // size)
-    thetas, matvecs = [], 0
+    thetas, products = [], 0
     for s in range(0, B, g):
         Ag = A3[s:s + g]
+        K = start[:, : max(1, b - 1)].expand(len(Ag), -1, N)
+        X = torch.cat([K, ones.expand(len(Ag), 1, N)], -2)
+        W = X @ Ag.mT
         if check:
             try:
-                _check_rows(Ag, atol)
+                _check_rows(Ag, atol, rows=W[:, -1])
             except ValueError:
                 _check_rows(A3, atol)  # raise with indices into the whole batch
                 raise
-        th, mv = _arnoldi_lambda2(Ag, v0[s:s + g], m_max, tol, max_restarts)
+        AK = W[:, :-1] - W[:, :-1].mean(-1, keepdim=True)
+        spare = start[:, K.shape[-2]:].expand(len(Ag), -1, N)  # completes the next block
+        th, n = _block_krylov_lambda2(Ag, K, AK, torch.cat([AK, spare], -2), max_dim, tol,
+                                      max_restarts)
         thetas.append(th)
-        matvecs += mv
-    return torch.cat(thetas), matvecs
+        products += n + len(Ag)
+    return torch.cat(thetas), products
 
 
 def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: float = 1e-5,
@@ -180,27 +272,29 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         Row-stochastic attention.
     method : {"auto", "dense", "krylov"}
         ``"dense"``: all eigenvalues by ``torch.linalg.eigvals`` (exact up to rounding,
-        :math:`O(N^3)`). ``"krylov"``: batched Arnoldi on the zero-sum subspace (below),
-        :math:`O(m N^2)` for ``m`` steps. ``"auto"``: dense for ``N <= AUTO_DENSE_MAX_N``
-        (256), Krylov above, falling back to dense if Krylov does not converge (spectra with
-        many eigenvalues of nearly the same magnitude, unusual for attention).
+        :math:`O(N^3)`). ``"krylov"``: batched block Krylov iteration on the zero-mean
+        vectors (Notes), :math:`O(p N^2)` for ``p`` passes over ``A``. ``"auto"``: dense for
+        ``N <= AUTO_DENSE_MAX_N`` (256), Krylov above, falling back to dense if Krylov does not
+        converge (spectra with many eigenvalues of nearly the same magnitude, unusual for
+        attention).
     dtype : torch.dtype, optional
         ``torch.float32`` (default) or ``torch.float64``.
     tol : float
-        Krylov: a matrix is done when its dominant Ritz pair has residual
-        :math:`\|w A - \theta w\|_2 = h_{m+1,m} |e_m^\top y| \le` ``tol`` (unit Ritz vector
-        ``w``); its eigenvalue error is then at most :math:`\kappa(\lambda_2)\,` ``tol`` to first
-        order (Notes).
+        Krylov: a matrix is done when its dominant Ritz pair :math:`(\theta, z)` has residual
+        :math:`\|P A z - \theta z\|_2 \le` ``tol`` (unit ``z``); the eigenvalue error is then
+        at most :math:`\kappa(\lambda_2)\,` ``tol`` to first order (Notes).
     krylov_dim : int
-        Krylov: Arnoldi steps per cycle (explicit restarts after that).
+        Krylov: largest basis size; above it the basis is cut back to the Schur vectors of its
+        ``krylov_dim // 2`` leading Ritz values (a thick restart).
     max_restarts : int
         Krylov: restarts before :class:`~attnchain.chain.ConvergenceError` is raised.
     atol : float
         Row-sum tolerance of the input check.
     return_info : bool
-        Also return ``{"passes": ..., "matvecs": ...}``: ``matvecs`` counts products ``v A_b``
-        with single matrices, ``passes = matvecs / (number of matrices)`` (2 decimals) is the
-        data read in units of the whole of ``A`` (0 for dense).
+        Also return ``{"passes": ..., "products": ...}``: ``products`` counts products of
+        single matrices with a block of vectors (each reads that matrix once), ``passes =
+        products / (number of matrices)`` (2 decimals) is the data read in units of the whole
+        of ``A``, besides the input check's pass for the minimum (0 for dense).
 
     Returns
     -------
@@ -210,41 +304,53 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
 
     Notes
     -----
-    The zero-sum row vectors :math:`S = \{v : v \mathbf 1 = 0\}` are invariant under
-    :math:`v \mapsto v A` (because :math:`A \mathbf 1 = \mathbf 1`), and every left eigenvector
-    of an eigenvalue :math:`\lambda \ne 1` lies in :math:`S` (from :math:`w A \mathbf 1 = \lambda
-    w \mathbf 1`). The restriction of the map to :math:`S` therefore has the spectrum of ``A``
-    with one copy of :math:`\lambda_1 = 1` removed, and :math:`|\lambda_2|` is its dominant
-    eigenvalue magnitude: Arnoldi [2]_ started in :math:`S` (and re-projected every step against
-    rounding) finds it as the dominant Ritz value without deflation. All matrices of a group
-    (below) run together with ``bmm``; complex-conjugate pairs are handled by the real Arnoldi
-    process.
+    **The operator.** With :math:`P = I - \mathbf 1 \mathbf 1^\top / N` (removing the mean of
+    a vector), :math:`AP = A - \mathbf 1 \mathbf 1^\top / N` has the spectrum of ``A`` with
+    :math:`\lambda_1 = 1` replaced by 0 (Brauer's theorem, because :math:`A\mathbf 1 =
+    \mathbf 1`), and :math:`PAP = P(AP)` has the same nonzero eigenvalues as :math:`(AP)P =
+    AP`. On the zero-mean vectors :math:`PAP` acts as :math:`x \mapsto P A x`, so
+    :math:`|\lambda_2|` is the largest eigenvalue magnitude of that map: no deflation of
+    :math:`\lambda_1` is needed, only the mean removed after every product.
 
-    **Stopping rule.** For the dominant Ritz pair :math:`(\theta, w)` (:math:`\|w\|_2 = 1`) of
-    the Hessenberg matrix after ``m`` steps, the residual :math:`r = w A - \theta w` has norm
-    :math:`h_{m+1,m}|e_m^\top y|` (no extra product needed), and :math:`\theta` is an exact
-    eigenvalue of :math:`A - w^{\mathsf H} r` (on :math:`S`), a perturbation of norm
-    :math:`\|r\|_2`. Hence :math:`|\theta - \lambda_2| \le \kappa(\lambda_2)\|r\|_2 +
-    O(\|r\|_2^2)`, with :math:`\kappa = \|x\|\|w_2\| / |w_2 x|` the condition number of the
-    eigenvalue (left and right eigenvectors :math:`w_2, x`; Saad [2]_, Ch. 3 and 6). The default
-    ``tol = 1e-5`` thus gives :math:`|\lambda_2|` to ``1e-4`` for :math:`\kappa \le 10`; on the
-    planted-group attention of ``benchmarks/markov_core.py`` the measured error is
-    :math:`\le 2 \cdot 10^{-6}`. Each matrix stops on its own: once its pair meets the rule its Ritz value is final
-    and that matrix is not read again (fast-mixing heads stop after ~10 products, slow ones
-    after ~20).
+    **The iteration.** Block Krylov with Rayleigh-Ritz (Saad [2]_, Ch. 6): the basis grows by
+    ``KRYLOV_BLOCK`` (3) orthonormal zero-mean vectors per pass, made from the newest
+    products; the projected matrix :math:`T = K (P A K)^\top` of the orthonormal basis rows
+    :math:`K` gives the Ritz values, and the dominant one is the estimate. Three vectors per
+    pass, not one, because on CPU a product with up to three vectors costs what a
+    matrix-vector product costs (both read ``A`` once), and more directions per pass mean
+    fewer passes (about 10 instead of 16 on the attention of ``benchmarks/markov_core.py``).
+    Past ``krylov_dim`` the basis is cut back to the Schur vectors of its leading Ritz values,
+    an invariant subspace of :math:`T`, so the iteration continues as if it had not been
+    interrupted (Krylov-Schur, Stewart [3]_). Complex-conjugate pairs are handled in real
+    arithmetic.
 
-    **Memory traffic.** The cost is the products with ``A`` (each reads all of ``A``; the
-    Arnoldi bookkeeping is :math:`O(m^2 N)`). On CPU the batch is processed in groups of at
+    **Stopping rule.** For the dominant Ritz pair :math:`(\theta, z)`, :math:`\|z\|_2 = 1`,
+    the residual :math:`r = P A z - \theta z` is computed from the stored products (no extra
+    product needed), and :math:`\theta` is an exact eigenvalue of :math:`PAP - r z^{\mathsf
+    H}`, a perturbation of norm :math:`\|r\|_2`. Hence :math:`|\theta - \lambda_2| \le
+    \kappa(\lambda_2)\|r\|_2 + O(\|r\|_2^2)`, with :math:`\kappa` the condition number of
+    the eigenvalue (Saad [2]_, Ch. 3). The default ``tol = 1e-5`` thus gives
+    :math:`|\lambda_2|` to ``1e-4`` for :math:`\kappa \le 10`; on the planted-group attention
+    of ``benchmarks/markov_core.py`` the measured error is :math:`\le 2 \cdot 10^{-6}`. Each
+    matrix stops on its own: once its pair meets the rule its Ritz value is final and that
+    matrix is not read again.
+
+    **Memory traffic.** The cost is the passes over ``A``; the bookkeeping is
+    :math:`O(m^2 N)` for a basis of size ``m``. On CPU the batch is processed in groups of at
     most ``KRYLOV_GROUP_BYTES`` (32 MiB), one group to convergence before the next, so that the
     repeated products find the group in cache instead of streaming the whole batch from memory
-    every step; the input check (row sums, minimum) also runs group by group, just before the
-    group's first product. Results do not depend on the grouping (start vectors are drawn for
-    the whole batch from a fixed seed). On other devices the whole batch is one group.
+    every step. The first product of a group also multiplies the all-ones vector, which gives
+    the row sums for the input check; the check's other pass (the minimum) follows at once,
+    before anything is computed from the products.
+    Results do not depend on the grouping: every matrix starts from the same vectors, drawn
+    from a fixed seed. On other devices the whole batch is one group.
 
     References
     ----------
     .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025.
     .. [2] Saad, "Numerical Methods for Large Eigenvalue Problems", SIAM 2011.
+    .. [3] Stewart, "A Krylov-Schur algorithm for large eigenproblems", SIAM J. Matrix Anal.
+       Appl. 23(3), 2001.
     """
     if method not in ("auto", "dense", "krylov"):
         raise ValueError(f"method must be 'auto', 'dense' or 'krylov', got {method!r}")
@@ -258,7 +364,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     batch = A.shape[:-2]
     if N == 1:
         out = A.new_zeros(batch)
-        return (out, {"passes": 0}) if return_info else out
+        return (out, {"passes": 0, "products": 0}) if return_info else out
     auto = method == "auto"
     if auto:
         method = "dense" if N <= AUTO_DENSE_MAX_N else "krylov"
@@ -266,19 +372,19 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         ev = torch.linalg.eigvals(A).abs()
         out = torch.topk(ev, 2, dim=-1).values[..., 1].to(A.dtype)
         out = out.clamp(0, 1)
-        return (out, {"passes": 0}) if return_info else out
+        return (out, {"passes": 0, "products": 0}) if return_info else out
     if N == 2:  # the zero-sum subspace is one-dimensional: λ2 = A00 + A11 - 1 = trace - 1
         out = (A[..., 0, 0] + A[..., 1, 1] - 1).abs()
-        return (out, {"passes": 0}) if return_info else out
+        return (out, {"passes": 0, "products": 0}) if return_info else out
     A3 = A.reshape(-1, N, N)
     try:
-        theta, matvecs = _krylov_lambda2(A3, krylov_dim, tol, max_restarts, atol, late_check)
+        theta, products = _krylov_lambda2(A3, krylov_dim, tol, max_restarts, atol, late_check)
     except ConvergenceError:
         if not auto:
             raise
         return lambda2(A, method="dense", return_info=return_info)
     out = theta.reshape(batch).clamp(0, 1)
-    info = {"passes": round(matvecs / A3.shape[0], 2), "matvecs": matvecs}
+    info = {"passes": round(products / A3.shape[0], 2), "products": products}
     return (out, info) if return_info else out
 
 

@@ -34,15 +34,15 @@ def test_groups_do_not_change_results(monkeypatch):
     for got in (whole, single, pairs):
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-8)
     np.testing.assert_allclose(single.numpy(), whole.numpy(), atol=1e-12)
-    assert info["matvecs"] == info1["matvecs"]
+    assert info["products"] == info1["products"]
 
 
 def test_each_matrix_stops_on_its_own():
     A = mixed_batch()
     _, info = lambda2(A, method="krylov", tol=1e-8, return_info=True)
-    per = [lambda2(A[i], method="krylov", tol=1e-8, return_info=True)[1]["matvecs"]
+    per = [lambda2(A[i], method="krylov", tol=1e-8, return_info=True)[1]["products"]
            for i in range(len(A))]
-    assert info["matvecs"] == sum(per)  # frozen matrices are not read again
+    assert info["products"] == sum(per)  # frozen matrices are not read again
     assert min(per) < max(per)  # the fast chains really stopped earlier
     assert info["passes"] == pytest.approx(sum(per) / len(A), abs=0.006)
 

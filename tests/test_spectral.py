@@ -90,6 +90,20 @@ def test_lambda2_krylov_large_and_structured():
     np.testing.assert_allclose(got.numpy(), np_lambda2(A.numpy()), atol=1e-4)
 
 
+def test_lambda2_krylov_thick_restarts_converge():
+    # a random chain: λ2 is a complex pair at the edge of a disc crowded with eigenvalues of
+    # nearly the same magnitude, so a 21-dimensional basis must be restarted many times;
+    # Krylov-Schur restarts keep an invariant subspace and still converge
+    A = rand_chain(300, 300, temp=3.0, seed=4)
+    ev = np.sort(np.abs(np.linalg.eigvals(A.numpy())))[::-1]
+    assert ev[1] - ev[3] < 0.02
+    got, info = lambda2(A, method="krylov", krylov_dim=21, max_restarts=60, return_info=True)
+    assert info["products"] > 21 // 3 + 1  # more passes than one basis holds: it restarted
+    np.testing.assert_allclose(got.item(), ev[1], atol=1e-5)
+    with pytest.raises(ConvergenceError, match="restarts"):
+        lambda2(A, method="krylov", krylov_dim=21, max_restarts=2)
+
+
 def test_lambda2_special_cases():
     cyc = torch.roll(torch.eye(6), 1, 1)  # periodic: all eigenvalues on the unit circle
     red = torch.block_diag(rand_chain(3, 3).float(), rand_chain(4, 4, seed=1).float())
