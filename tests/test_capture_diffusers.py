@@ -181,6 +181,27 @@ def _processors(model):
     return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
 
 
+def _check_exception_restores(model, run, block):
+    """An error raised by ``block`` inside ``capture`` leaves no hook behind, the processors
+    unchanged and the outputs as before."""
+    base = run()
+    hooks0, procs0 = _hook_count(model), _processors(model)
+
+    def boom(mod, args, output):
+        raise RuntimeError("boom inside a block")
+
+    h = model.get_submodule(block).register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom inside"):
+            with capture(model):
+                run()
+    finally:
+        h.remove()
+    assert _hook_count(model) == hooks0
+    assert all(a is b for a, b in zip(_processors(model).values(), procs0.values()))
+    assert torch.equal(run(), base)
+
+
 UNET_LAYERS = {  # layer -> factor by which its grid is smaller than the latent
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1": 1,
     "mid_block.attentions.0.transformer_blocks.0.attn1": 2,
@@ -314,23 +335,8 @@ def test_unet_other_processors(unet, unet_inputs, variant):
 
 
 def test_unet_exception_restores(unet, unet_inputs):
-    base = _unet_out(unet, unet_inputs)
-    hooks0, procs0 = _hook_count(unet), _processors(unet)
-
-    def boom(mod, args, output):
-        raise RuntimeError("boom inside a block")
-
-    block = unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.ff")
-    h = block.register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom inside"):
-            with capture(unet):
-                _unet_out(unet, unet_inputs)
-    finally:
-        h.remove()
-    assert _hook_count(unet) == hooks0
-    assert all(a is b for a, b in zip(_processors(unet).values(), procs0.values()))
-    assert torch.equal(_unet_out(unet, unet_inputs), base)
+    _check_exception_restores(unet, lambda: _unet_out(unet, unet_inputs),
+                              "up_blocks.1.attentions.0.transformer_blocks.0.ff")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,22 +438,8 @@ def test_flux_fused_projections(flux, flux_inputs):
 
 
 def test_flux_exception_restores(flux, flux_inputs):
-    base = _flux_out(flux, flux_inputs)
-    hooks0, procs0 = _hook_count(flux), _processors(flux)
-
-    def boom(mod, args, output):
-        raise RuntimeError("boom inside a block")
-
-    h = flux.get_submodule("single_transformer_blocks.0.proj_out").register_forward_hook(boom)
-    try:
-        with pytest.raises(RuntimeError, match="boom inside"):
-            with capture(flux):
-                _flux_out(flux, flux_inputs)
-    finally:
-        h.remove()
-    assert _hook_count(flux) == hooks0
-    assert all(a is b for a, b in zip(_processors(flux).values(), procs0.values()))
-    assert torch.equal(_flux_out(flux, flux_inputs), base)
+    _check_exception_restores(flux, lambda: _flux_out(flux, flux_inputs),
+                              "single_transformer_blocks.0.proj_out")
 
 
 def test_flux_grid_from_ids():

@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ._scratch import CallScratch
 from .diffusers_unet import bind_args, denoiser, remove_all
 
 __all__ = ["matches", "install", "attention_layers"]
@@ -148,78 +149,60 @@ def install(model: nn.Module, recorder: Any) -> list[Callable[[], None]]:
 
 
 def _install_layer(model, name, attn, kind, recorder, ctx, apply_rotary_emb):
-    undo = []
-    # Per-call scratch space; reset by the pre-hook so a call that raised leaves nothing behind.
-    st: dict[str, Any] = {}
+    st = CallScratch(recorder, name)
 
-    def stash(key):
-        def hook(module, inputs, output):
-            if st.get("active"):
-                st[key] = output
-        return hook
-
-    def attn_pre(module, args, kwargs):
-        st.clear()
-        if not recorder.wants(name):
-            return
+    def start(module, args, kwargs):
         bound = bind_args(module.forward, args, kwargs)
-        st["active"] = True
-        st["rope"] = bound.get("image_rotary_emb")
-        st["mask"] = bound.get("attention_mask")
         ehs = bound.get("encoder_hidden_states")
         if kind == "double":
-            st["n_txt"] = ehs.shape[1] if isinstance(ehs, Tensor) else 0
+            n_txt = ehs.shape[1] if isinstance(ehs, Tensor) else 0
         else:
-            st["n_txt"] = ctx.get("single_n_txt")
+            n_txt = ctx.get("single_n_txt")
+        return {"rope": bound.get("image_rotary_emb"), "mask": bound.get("attention_mask"),
+                "n_txt": n_txt}
 
-    def attn_post(module, args, kwargs, output):
-        if not st.get("active"):
-            return
-        try:
-            q, k = st.get("q"), st.get("k")
-            if q is None or k is None:
-                raise RuntimeError(
-                    f"attnchain capture: {name}: the attention processor "
-                    f"{type(module.processor).__name__} did not call norm_q/norm_k, so queries and "
-                    "keys could not be observed"
-                )
-            if st.get("q_txt") is not None:
-                q = torch.cat([st["q_txt"], q], dim=1)
-                k = torch.cat([st["k_txt"], k], dim=1)
-            rope = st["rope"]
-            if rope is not None:
-                q = apply_rotary_emb(q, rope, sequence_dim=1)
-                k = apply_rotary_emb(k, rope, sequence_dim=1)
-            q, k = _heads_first(q), _heads_first(k)
-            n = q.shape[-2]
-            n_txt = st["n_txt"]
-            if kind == "double" and st.get("q_txt") is not None:
-                n_txt = st["q_txt"].shape[1]
-            if n_txt is None:
-                n_txt = 0
-            n_img = n - n_txt
-            grid = ctx["grid"]
-            if grid is not None and grid[0] * grid[1] != n_img:
-                grid = None
-            tokens = {
-                "text": (0, n_txt),
-                "image": (n_txt, n),
-                "grid": grid,
-                "kind": "flux-" + kind,
-            }
-            # SDPA's default scale 1/sqrt(d); the mask goes to SDPA unchanged, so pass it as is
-            recorder.record_qk(name, q, k, scale=1.0 / math.sqrt(q.shape[-1]), mask=st["mask"],
-                               tokens=tokens)
-        finally:
-            st.clear()
+    def emit(module):
+        q, k = st.get("q"), st.get("k")
+        if q is None or k is None:
+            raise RuntimeError(
+                f"attnchain capture: {name}: the attention processor "
+                f"{type(module.processor).__name__} did not call norm_q/norm_k, so queries and "
+                "keys could not be observed"
+            )
+        if st.get("q_txt") is not None:
+            q = torch.cat([st["q_txt"], q], dim=1)
+            k = torch.cat([st["k_txt"], k], dim=1)
+        rope = st["rope"]
+        if rope is not None:
+            q = apply_rotary_emb(q, rope, sequence_dim=1)
+            k = apply_rotary_emb(k, rope, sequence_dim=1)
+        q, k = _heads_first(q), _heads_first(k)
+        n = q.shape[-2]
+        n_txt = st["n_txt"]
+        if kind == "double" and st.get("q_txt") is not None:
+            n_txt = st["q_txt"].shape[1]
+        if n_txt is None:
+            n_txt = 0
+        n_img = n - n_txt
+        grid = ctx["grid"]
+        if grid is not None and grid[0] * grid[1] != n_img:
+            grid = None
+        tokens = {
+            "text": (0, n_txt),
+            "image": (n_txt, n),
+            "grid": grid,
+            "kind": "flux-" + kind,
+        }
+        # SDPA's default scale 1/sqrt(d); the mask goes to SDPA unchanged, so pass it as is
+        recorder.record_qk(name, q, k, scale=1.0 / math.sqrt(q.shape[-1]), mask=st["mask"],
+                           tokens=tokens)
 
-    undo.append(attn.register_forward_pre_hook(attn_pre, with_kwargs=True).remove)
-    undo.append(attn.register_forward_hook(attn_post, with_kwargs=True).remove)
-    undo.append(attn.norm_q.register_forward_hook(stash("q")).remove)
-    undo.append(attn.norm_k.register_forward_hook(stash("k")).remove)
+    st.watch(attn, start, emit)
+    st.stash(attn.norm_q, "q")
+    st.stash(attn.norm_k, "k")
     if getattr(attn, "added_kv_proj_dim", None) is not None and hasattr(attn, "norm_added_q"):
-        undo.append(attn.norm_added_q.register_forward_hook(stash("q_txt")).remove)
-        undo.append(attn.norm_added_k.register_forward_hook(stash("k_txt")).remove)
+        st.stash(attn.norm_added_q, "q_txt")
+        st.stash(attn.norm_added_k, "k_txt")
 
     if kind == "single":
         # the single-stream block concatenates [text; image] before its attention: read the text
@@ -231,8 +214,8 @@ def _install_layer(model, name, attn, kind, recorder, ctx, apply_rotary_emb):
             ehs = bound.get("encoder_hidden_states")
             ctx["single_n_txt"] = ehs.shape[1] if isinstance(ehs, Tensor) else None
 
-        undo.append(block.register_forward_pre_hook(block_pre, with_kwargs=True).remove)
-    return undo
+        st.undo.append(block.register_forward_pre_hook(block_pre, with_kwargs=True).remove)
+    return st.undo
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:

@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from ._scratch import CallScratch
+
 __all__ = ["matches", "install", "attention_layers"]
 
 
@@ -197,34 +199,15 @@ def _hook_parent(module: nn.Module, parent: str, ctx: dict) -> Callable[[], None
 
 
 def _install_layer(name, attn, parent, recorder, ctx):
-    undo = []
-    st: dict[str, Any] = {}
+    st = CallScratch(recorder, name)
 
-    def stash(key, chunks=None, index=None):
-        def hook(module, inputs, output):
-            if st.get("active"):
-                st[key] = output if chunks is None else output.chunk(chunks, dim=-1)[index]
-        return hook
-
-    def attn_pre(module, args, kwargs):
-        st.clear()
-        if not recorder.wants(name):
-            return
+    def start(module, args, kwargs):
         bound = bind_args(module.forward, args, kwargs)
         hs = bound.get("hidden_states")
-        st["active"] = True
-        st["mask"] = bound.get("attention_mask")
-        st["grid4d"] = tuple(hs.shape[-2:]) if isinstance(hs, Tensor) and hs.ndim == 4 else None
+        return {"mask": bound.get("attention_mask"),
+                "grid4d": tuple(hs.shape[-2:]) if isinstance(hs, Tensor) and hs.ndim == 4 else None}
 
-    def attn_post(module, args, kwargs, output):
-        if not st.get("active"):
-            return
-        try:
-            _emit(module)
-        finally:
-            st.clear()
-
-    def _emit(module):
+    def emit(module):
         heads = module.heads
         if st.get("qn") is not None and st["qn"].ndim == 4:
             q = st["qn"]  # (B, H, N, d) after norm_q
@@ -258,17 +241,19 @@ def _install_layer(name, attn, parent, recorder, ctx):
         tokens = {"image": (0, n_q), "grid": grid, "kind": "unet-self"}
         recorder.record_qk(name, q, k, scale=scale, mask=mask, tokens=tokens)
 
-    undo.append(attn.register_forward_pre_hook(attn_pre, with_kwargs=True).remove)
-    undo.append(attn.register_forward_hook(attn_post, with_kwargs=True).remove)
-    undo.append(attn.to_q.register_forward_hook(stash("q")).remove)
-    undo.append(attn.to_k.register_forward_hook(stash("k")).remove)
+    def chunk(n, i):
+        return lambda output: output.chunk(n, dim=-1)[i]
+
+    st.watch(attn, start, emit)
+    st.stash(attn.to_q, "q")
+    st.stash(attn.to_k, "k")
     if isinstance(getattr(attn, "to_qkv", None), nn.Module):
-        undo.append(attn.to_qkv.register_forward_hook(stash("q", 3, 0)).remove)
-        undo.append(attn.to_qkv.register_forward_hook(stash("k", 3, 1)).remove)
+        st.stash(attn.to_qkv, "q", chunk(3, 0))
+        st.stash(attn.to_qkv, "k", chunk(3, 1))
     if isinstance(getattr(attn, "to_kv", None), nn.Module):
-        undo.append(attn.to_kv.register_forward_hook(stash("k", 2, 0)).remove)
+        st.stash(attn.to_kv, "k", chunk(2, 0))
     if isinstance(getattr(attn, "norm_q", None), nn.Module):
-        undo.append(attn.norm_q.register_forward_hook(stash("qn")).remove)
+        st.stash(attn.norm_q, "qn")
     if isinstance(getattr(attn, "norm_k", None), nn.Module):
-        undo.append(attn.norm_k.register_forward_hook(stash("kn")).remove)
-    return undo
+        st.stash(attn.norm_k, "kn")
+    return st.undo

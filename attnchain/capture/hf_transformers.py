@@ -40,6 +40,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from ._scratch import CallScratch
+
 __all__ = ["matches", "attention_layers", "install", "TEXT_FAMILIES", "VISION_FAMILIES"]
 
 TEXT_FAMILIES = ("bert", "roberta", "xlm_roberta", "camembert", "electra")
@@ -136,34 +138,22 @@ def install(model: nn.Module, recorder: Any) -> list[Callable[[], None]]:
 def _install_layer(name, m, recorder, ctx):
     qproj, kproj = _projections(m)
     heads, d = _heads(m)
-    st: dict[str, Any] = {}
+    st = CallScratch(recorder, name)
 
-    def attn_pre(module, args, kwargs):
-        st.clear()
-        if not recorder.wants(name):
-            return
+    def start(module, args, kwargs):
         if kwargs.get("past_key_values") is not None:
             raise ValueError(f"attnchain capture: {name}: cached keys (past_key_values) are not "
                              "supported; capture a forward pass without a cache")
         if kwargs.get("encoder_hidden_states") is not None:
-            return  # used as cross-attention: not a self-attention map
+            return None  # used as cross-attention: not a self-attention map
         mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
         if mask is not None and not isinstance(mask, Tensor):
             raise ValueError(f"attnchain capture: {name}: attention mask of type "
                              f"{type(mask).__name__} (e.g. flex attention's BlockMask) is not "
                              "supported; load the model with attn_implementation='sdpa' or 'eager'")
-        st["active"] = True
-        st["mask"] = mask
+        return {"mask": mask}
 
-    def q_hook(module, args, output):
-        if st.get("active"):
-            st["q"] = output
-
-    def k_hook(module, args, output):
-        if not st.get("active") or "q" not in st:
-            return
-        q, k = st.pop("q"), output
-        st["active"] = False
+    def record(q, k):
         b, n_q = q.shape[0], q.shape[1]
         q = q.view(b, n_q, heads, d).transpose(1, 2)
         k = k.view(b, k.shape[1], heads, d).transpose(1, 2)
@@ -172,10 +162,7 @@ def _install_layer(name, m, recorder, ctx):
         recorder.record_qk(name, q, k, scale=float(m.scaling), mask=mask, is_causal=causal,
                            tokens=_layout(m, n_q, ctx["hw"]))
 
-    def attn_post(module, args, output):
-        st.clear()
-
-    return [m.register_forward_pre_hook(attn_pre, with_kwargs=True).remove,
-            qproj.register_forward_hook(q_hook).remove,
-            kproj.register_forward_hook(k_hook).remove,
-            m.register_forward_hook(attn_post).remove]
+    st.watch(m, start)
+    st.stash(qproj, "q")
+    st.pair(kproj, "q", record)
+    return st.undo

@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
+from ._scratch import CallScratch
+
 __all__ = ["matches", "attention_layers", "install"]
 
 
@@ -71,7 +73,8 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _is_vit(m: nn.Module) -> bool:
-    return hasattr(m, "num_prefix_tokens") and isinstance(getattr(m, "patch_embed", None), nn.Module)
+    return (hasattr(m, "num_prefix_tokens")
+            and isinstance(getattr(m, "patch_embed", None), nn.Module))
 
 
 def _owner_vits(model: nn.Module) -> dict[str, str]:
@@ -157,36 +160,21 @@ def install(model: nn.Module, recorder: Any) -> list[Callable[[], None]]:
 
 
 def _install_layer(name, attn, recorder, vname, model, grids):
-    st: dict[str, Any] = {}
+    st = CallScratch(recorder, name)
     vit = model.get_submodule(vname) if vname is not None else None
 
-    def attn_pre(module, args, kwargs):
-        st.clear()
-        if not recorder.wants(name):
-            return
-        st["active"] = True
-        st["mask"] = args[1] if len(args) > 1 else kwargs.get("attn_mask")
-        st["causal"] = bool(args[2] if len(args) > 2 else kwargs.get("is_causal", False))
+    def start(module, args, kwargs):
+        return {"mask": args[1] if len(args) > 1 else kwargs.get("attn_mask"),
+                "causal": bool(args[2] if len(args) > 2 else kwargs.get("is_causal", False))}
 
-    def q_hook(module, args, output):
-        if st.get("active"):
-            st["q"] = output
-
-    def k_hook(module, args, output):
-        if not st.get("active") or "q" not in st:
-            return
-        q, k = st.pop("q"), output
-        st["active"] = False
+    def record(q, k):
         n = q.shape[-2]
         scale = q.shape[-1] ** -0.5 if getattr(attn, "fused_attn", False) else float(attn.scale)
         tokens = _layout(vit, grids.get(vname), n)
         recorder.record_qk(name, q, k, scale=scale, mask=st.get("mask"),
                            is_causal=st.get("causal", False), tokens=tokens)
 
-    def attn_post(module, args, output):
-        st.clear()   # drop references to q / the mask after each call
-
-    return [attn.register_forward_pre_hook(attn_pre, with_kwargs=True).remove,
-            attn.q_norm.register_forward_hook(q_hook).remove,
-            attn.k_norm.register_forward_hook(k_hook).remove,
-            attn.register_forward_hook(attn_post).remove]
+    st.watch(attn, start)
+    st.stash(attn.q_norm, "q")
+    st.pair(attn.k_norm, "q", record)
+    return st.undo
