@@ -2,7 +2,8 @@
 
 Run after the book build (`make test` does both): it serves `_build/html` on loopback and checks
 every page in `_toc.yml`: no console or page errors, every image loaded, every formula typeset by
-MathJax, a Colab launch link on notebook pages, and figures on every chapter.
+MathJax, a Colab launch link on notebook pages, figures on every chapter, and chapter code that fits
+the article column of a 1280-pixel-wide window without scrolling sideways.
 """
 import functools
 import http.server
@@ -71,7 +72,7 @@ def open_page(browser, url):
     The only resources outside the book are the Colab badges at the top of each chapter; they load
     for readers online and are left out of the checks here, which run without a network.
     """
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1280, "height": 800})  # a common laptop screen
     errors, failed = [], []
     page.on("console", lambda m: errors.append(m.text)
             if m.type == "error" and is_local(m.location.get("url", "")) else None)
@@ -114,5 +115,11 @@ def test_page_renders(site, browser, doc, is_notebook):
             )
             assert figures >= 1, f"{doc}: a chapter without a single rendered figure"
             assert n_typeset >= 1, f"{doc}: a chapter without typeset math"
+            wide = page.evaluate(
+                "() => [...document.querySelectorAll('.cell_input pre')]"
+                ".filter(p => p.scrollWidth > p.clientWidth + 1)"
+                ".map(p => p.textContent.split('\\n').reduce((a, l) => l.length > a.length ? l : a))"
+            )
+            assert not wide, f"{doc}: code cells that scroll sideways, longest lines: {wide[:3]}"
     finally:
         page.close()
