@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from scipy.linalg import schur
 
 from .chain import (ConvergenceError, _as_tensor, _check_rows, _check_square, _prepare,
                     token_rank)
@@ -83,9 +84,9 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
 KRYLOV_BLOCK = 3
 
 
-def _zero_mean_rows(B: int, b: int, N: int, seed: int, like: torch.Tensor):
-    """(B, b, N) random rows with zero mean from ``seed``, drawn on CPU (device independent)."""
-    x = torch.randn(B, b, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def _zero_mean_rows(b: int, N: int, seed: int, like: torch.Tensor):
+    """(1, b, N) random rows with zero mean from ``seed``, drawn on CPU (device independent)."""
+    x = torch.randn(1, b, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return (x - x.mean(-1, keepdim=True)).to(device=like.device, dtype=like.dtype)
 
 
@@ -110,7 +111,7 @@ def _extend_basis(W: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     norm = W.norm(dim=-1)
     lost = norm <= 64 * torch.finfo(W.dtype).eps * scale
     if bool(lost.any()):
-        fresh = _zero_mean_rows(1, W.shape[1], W.shape[2], 7919 * (K.shape[-2] + 1), W)
+        fresh = _zero_mean_rows(W.shape[1], W.shape[2], 7919 * (K.shape[-2] + 1), W)
         W = torch.where(lost.unsqueeze(-1), _orthogonalize(fresh, K), W)
         norm = W.norm(dim=-1)
     Q, R = torch.linalg.qr(W.mT)
@@ -150,18 +151,16 @@ def _ritz(T: torch.Tensor, K: torch.Tensor, AK: torch.Tensor):
     return ev, torch.where((info == 0) & resid.isfinite(), resid, torch.inf)
 
 
-def _leading_schur_rows(T: torch.Tensor, keep: int) -> torch.Tensor:
-    """Orthonormal rows (B, k, m) spanning, for each ``T`` (B, m, m), its invariant subspace
-    of the ``keep`` eigenvalues of largest magnitude (``keep + 1`` where the last would split
-    a complex-conjugate pair; matrices with fewer get zero rows): the leading real Schur
-    vectors, reordered by LAPACK (:func:`scipy.linalg.schur`). Keeping an invariant subspace
-    lets the Krylov iteration go on after a restart as if uninterrupted (Krylov-Schur
-    restart, Stewart 2001)."""
-    from scipy.linalg import schur
+def _leading_schur_rows(T: torch.Tensor, ev: torch.Tensor, keep: int) -> torch.Tensor:
+    """Orthonormal rows (B, k, m) spanning, for each ``T`` (B, m, m) with eigenvalues ``ev``
+    (B, m) sorted by decreasing magnitude, its invariant subspace of the ``keep`` eigenvalues
+    of largest magnitude (``keep + 1`` where the last would split a complex-conjugate pair;
+    matrices with fewer get zero rows): the leading real Schur vectors, reordered by LAPACK
+    (:func:`scipy.linalg.schur`). Keeping an invariant subspace lets the Krylov iteration go
+    on after a restart as if uninterrupted (Krylov-Schur restart, Stewart 2001)."""
     Tn = T.detach().cpu().numpy()
     rows = np.zeros((len(Tn), keep + 1, Tn.shape[-1]))
-    for i, t in enumerate(Tn):
-        mag = np.sort(np.abs(np.linalg.eigvals(t)))[::-1]
+    for i, (t, mag) in enumerate(zip(Tn, ev.abs().cpu().numpy())):
         below = mag[mag < mag[keep - 1] * (1 - 1e-9)]
         thr = (mag[keep - 1] + below[0]) / 2 if below.size else mag[keep - 1] * (1 - 1e-9)
         _, Z, sdim = schur(t, output="real", sort=lambda re, im: np.hypot(re, im) > thr)
@@ -201,7 +200,7 @@ def _block_krylov_lambda2(A3: torch.Tensor, K: torch.Tensor, AK: torch.Tensor,
             live = [i for i, g in zip(live, go.tolist()) if g]
             if not live:
                 return theta_out, products
-            K, AK, W, T, resid = K[go], AK[go], W[go], T[go], resid[go]
+            K, AK, W, T, ev, resid = K[go], AK[go], W[go], T[go], ev[go], resid[go]
         nxt = _extend_basis(W[:, : N - 1 - m], K)  # the next block, orthogonal to K
         if m + nxt.shape[-2] > max_dim:  # thick restart: keep the leading Ritz vectors
             if restarts == max_restarts:
@@ -210,7 +209,7 @@ def _block_krylov_lambda2(A3: torch.Tensor, K: torch.Tensor, AK: torch.Tensor,
                     f"of {max_dim}-dimensional block Krylov spaces (Ritz residual "
                     f"{resid.max().item():.3g} > tol = {tol:g}); try method='dense'")
             restarts += 1
-            C = _leading_schur_rows(T, keep).to(K.dtype)  # K -> C K, P A K -> C (P A K)
+            C = _leading_schur_rows(T, ev, keep).to(K.dtype)  # K -> C K, P A K -> C (P A K)
             K, AK = C @ K, C @ AK
         if len(live) == B:  # one batched pass; (A x)^T = x^T A^T for the rows x of `nxt`
             W = nxt @ A3.mT
@@ -236,7 +235,7 @@ def _krylov_lambda2(A3: torch.Tensor, max_dim: int, tol: float, max_restarts: in
     only one more pass (the minimum) instead of two."""
     B, N = A3.shape[0], A3.shape[-1]
     b = min(KRYLOV_BLOCK, N - 1)
-    start = _extend_basis(_zero_mean_rows(1, b, N, seed, A3), A3[:1, :0])  # same for all
+    start = _extend_basis(_zero_mean_rows(b, N, seed, A3), A3[:1, :0])  # same for all
     ones = torch.ones_like(start[:, :1])
     size = A3[0].numel() * A3.element_size()
     g = B if A3.device.type != "cpu" else max(1, KRYLOV_GROUP_BYTES // size)
