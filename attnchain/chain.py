@@ -116,6 +116,15 @@ def _prepare(A, dtype=None, atol: float = 1e-4, check: bool = True, name: str = 
     return A
 
 
+def _cache_group(A3: torch.Tensor, group_bytes: int) -> int:
+    """How many matrices of ``A3`` (B, N, N) to iterate on together: on CPU as many as fit in
+    ``group_bytes`` (at least one), so that repeated passes over a group find it in cache; on
+    other devices the whole batch."""
+    if A3.device.type != "cpu":
+        return A3.shape[0]
+    return max(1, group_bytes // (A3[0].numel() * A3.element_size()))
+
+
 def _first_bad(mask: torch.Tensor):
     """Index (tuple) of the first True entry of a bool tensor."""
     idx = torch.nonzero(mask)[0].tolist()
@@ -700,8 +709,7 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     A3 = A.expand(*batch, N, N).reshape(-1, N, N)
     P2 = p.expand(*batch, N).reshape(-1, N)
     B = A3.shape[0]
-    size = A3[0].numel() * A3.element_size()
-    g = B if A3.device.type != "cpu" else max(1, TOKEN_RANK_GROUP_BYTES // size)
+    g = _cache_group(A3, TOKEN_RANK_GROUP_BYTES)
     xs, errs, passes = [], [], 0.0
     for s in range(0, B, g):
         if late_check:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from scipy.linalg import schur
 
-from .chain import (ConvergenceError, _as_tensor, _check_rows, _check_square, _prepare,
-                    token_rank)
+from .chain import (ConvergenceError, _as_tensor, _cache_group, _check_rows, _check_square,
+                    _prepare, token_rank)
 
 __all__ = ["lambda2", "eigenvalues", "head_weights", "weighted_head_mean", "metastable_states",
            "choose_bounces"]
@@ -237,8 +237,7 @@ def _krylov_lambda2(A3: torch.Tensor, max_dim: int, tol: float, max_restarts: in
     b = min(KRYLOV_BLOCK, N - 1)
     start = _extend_basis(_zero_mean_rows(b, N, seed, A3), A3[:1, :0])  # same for all
     ones = torch.ones_like(start[:, :1])
-    size = A3[0].numel() * A3.element_size()
-    g = B if A3.device.type != "cpu" else max(1, KRYLOV_GROUP_BYTES // size)
+    g = _cache_group(A3, KRYLOV_GROUP_BYTES)
     thetas, products = [], 0
     for s in range(0, B, g):
         Ag = A3[s:s + g]

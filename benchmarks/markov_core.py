@@ -8,7 +8,7 @@ Compares, on H heads of N x N attention (float32, CPU unless --device says other
   (``stationary_dense``); the paper method's own truncation error is printed next to ours.
 * ``lambda2(method="krylov")`` (batched block Krylov on the zero-mean vectors) against
   ``torch.linalg.eigvals`` (all heads) and scipy's ARPACK ``eigs(A_h.T, k=2)`` run head by head
-  (float32 arrays, scipy's default tolerance), best of ``--ref-repeats`` after a warm-up.
+  (float32 arrays, scipy's default tolerance), best of ``--arpack-repeats`` after a warm-up.
 * token_rank's time over its memory-bandwidth floor: (products with A + 2 input-check passes)
   x bytes of A / measured copy bandwidth (read + write bytes per second of ``dst.copy_(A)``).
 * lambda2's reads of A against ARPACK's: ``reads`` = passes over A per head (products plus
@@ -121,9 +121,10 @@ def arpack_products(A, tol):
 def read_floor(A, reads, block=3):
     """Time of `reads` passes over each head in lambda2's cache-sized groups, each pass a
     product with `block` vectors (the first one a minimum, like the input check)."""
+    from attnchain.chain import _cache_group
     from attnchain.spectral import KRYLOV_GROUP_BYTES
     H, N = A.shape[0], A.shape[-1]
-    g = H if A.device.type != "cpu" else max(1, KRYLOV_GROUP_BYTES // (N * N * A.element_size()))
+    g = _cache_group(A, KRYLOV_GROUP_BYTES)
     X = torch.randn(g, block, N, device=A.device, dtype=A.dtype)
     for s in range(0, H, g):
         Ag = A[s:s + g]
