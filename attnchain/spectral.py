@@ -100,55 +100,59 @@ def _orthogonalize(W: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return W
 
 
-def _extend_basis(W: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+def _extend_basis(W: torch.Tensor, K: torch.Tensor, room: int):
     """Orthonormal zero-mean rows, orthogonal to ``K`` (B, m, N), spanning the new part of the
-    rows of ``W`` (B, b, N). A row with nothing new (zero up to rounding) is replaced by a
-    random direction: Rayleigh-Ritz needs an orthonormal basis, not the Krylov recurrence,
-    so any new direction is valid. The random rows depend only on the position in the basis,
-    so results do not depend on how matrices are batched."""
+    first ``room`` rows of ``W`` (B, b, N); returns them with all rows of ``W`` made
+    orthogonal to ``K``. A row with nothing new (zero up to rounding) is replaced by a random
+    direction: Rayleigh-Ritz needs an orthonormal basis, not the Krylov recurrence, so any
+    new direction is valid. The random rows depend only on the position in the basis, so
+    results do not depend on how matrices are batched."""
     scale = W.norm(dim=-1)
     W = _orthogonalize(W, K)
-    norm = W.norm(dim=-1)
-    lost = norm <= 64 * torch.finfo(W.dtype).eps * scale
+    V, scale = W[:, :room], scale[:, :room]
+    if not V.shape[-2]:
+        return V, W
+    norm = V.norm(dim=-1)
+    lost = norm <= 64 * torch.finfo(V.dtype).eps * scale
     if bool(lost.any()):
-        fresh = _zero_mean_rows(W.shape[1], W.shape[2], 7919 * (K.shape[-2] + 1), W)
-        W = torch.where(lost.unsqueeze(-1), _orthogonalize(fresh, K), W)
-        norm = W.norm(dim=-1)
-    Q, R = torch.linalg.qr(W.mT)
+        fresh = _zero_mean_rows(V.shape[1], V.shape[2], 7919 * (K.shape[-2] + 1), V)
+        V = torch.where(lost.unsqueeze(-1), _orthogonalize(fresh, K), V)
+        norm = V.norm(dim=-1)
+    Q, R = torch.linalg.qr(V.mT)
     if bool((R.diagonal(dim1=-2, dim2=-1).abs() < 1e-2 * norm).any()):
         # rows nearly dependent on each other: their QR directions lean on rounding errors,
         # which may have parts along K; project once more
         Q = torch.linalg.qr(_orthogonalize(Q.mT, K).mT).Q
-    return Q.mT
+    return Q.mT, W
 
 
-def _ritz(T: torch.Tensor, K: torch.Tensor, AK: torch.Tensor):
-    r"""Rayleigh-Ritz for ``P A`` on the span of the orthonormal rows of ``K`` (B, m, N), given
-    ``AK`` (rows :math:`(P A k_i)^T`) and ``T = K AK^T`` in float64, so that
-    :math:`P A (y K) = (T y) K + \text{residual}`.
+def _ritz(T: torch.Tensor, C: torch.Tensor):
+    r"""Dominant Ritz pair of ``P A`` on the span of orthonormal rows :math:`K` (B, m, N),
+    given ``T = K (P A K)^T`` (B, m, m) in float64 and the coefficients ``C`` (B, p, b) of
+    the newest ``p`` products :math:`P A k_i` (of the last ``p`` rows of :math:`K`) along the
+    next block :math:`Q` (B, b, N), after their parts in the span of :math:`K` are removed.
 
-    Returns the Ritz values (B, m) sorted by decreasing magnitude and, for the dominant one
-    :math:`\theta`, the residual norm :math:`\|P A z - \theta z\|_2` (B,) of its unit Ritz
-    vector ``z`` (inf where its coefficients could not be computed). The coefficients come
-    from one step of inverse iteration with :math:`\theta` as the shift, which costs less
-    than a full eigendecomposition of ``T``.
+    Every other product lies in the span of :math:`K` (the basis is built from the products),
+    so for a Ritz pair :math:`T y = \theta y`, :math:`z = K^T y`, the residual is
+    :math:`P A z - \theta z = Q^T C^T y_{\text{new}}` and its norm
+    :math:`\|C^T y_{\text{new}}\|_2`: no operation on length-N vectors is needed.
+
+    Returns all Ritz values (B, m), the dominant one (B,) and its residual norm for a unit
+    :math:`z` (B,) (inf where its coefficients could not be computed). The coefficients
+    :math:`y` come from one step of inverse iteration with :math:`\theta` as the shift,
+    which costs less than a full eigendecomposition of ``T``.
     """
     ev = torch.linalg.eigvals(T)
-    ev = ev.gather(-1, torch.sort(ev.abs(), dim=-1, descending=True, stable=True).indices)
+    theta = ev.gather(-1, ev.abs().argmax(-1, keepdim=True))  # (B, 1)
     m = T.shape[-1]
-    shift = ev[:, :1, None] * (1 + 2.0 ** -44) + 2.0 ** -60
-    M = T.to(ev.dtype) - shift * torch.eye(m, dtype=ev.dtype, device=T.device)
-    y, info = torch.linalg.solve_ex(M, torch.ones(T.shape[0], m, 1, dtype=ev.dtype,
-                                                  device=T.device))
-    y = y.squeeze(-1)
-    y = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True)
-    parts = torch.stack([y.real, y.imag], -2).to(K.dtype)  # real arithmetic on the big rows
-    z, Pz = parts @ K, parts @ AK  # (B, 2, N): real and imaginary parts of z and of P A z
-    a, b = (t.to(K.dtype)[:, None] for t in (ev[:, 0].real, ev[:, 0].imag))
-    r_re = Pz[:, 0] - a * z[:, 0] + b * z[:, 1]
-    r_im = Pz[:, 1] - a * z[:, 1] - b * z[:, 0]
-    resid = torch.sqrt(r_re.square().sum(-1) + r_im.square().sum(-1))
-    return ev, torch.where((info == 0) & resid.isfinite(), resid, torch.inf)
+    eye = torch.eye(m, dtype=ev.dtype, device=T.device)
+    y, info = torch.linalg.solve_ex(T.to(ev.dtype) - (theta[..., None] * (1 + 2.0 ** -44)
+                                                      + 2.0 ** -60) * eye,
+                                    torch.ones(T.shape[0], m, 1, dtype=ev.dtype,
+                                               device=T.device))
+    y = y / torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
+    resid = torch.linalg.vector_norm(C.mT.to(ev.dtype) @ y[:, m - C.shape[-2]:], dim=(-2, -1))
+    return ev, theta[:, 0], torch.where((info == 0) & resid.isfinite(), resid, torch.inf)
 
 
 def _leading_schur_rows(T: torch.Tensor, ev: torch.Tensor, keep: int) -> torch.Tensor:
@@ -174,34 +178,33 @@ def _block_krylov_lambda2(A3: torch.Tensor, K: torch.Tensor, AK: torch.Tensor,
     Rayleigh-Ritz on zero-mean vectors (:func:`lambda2`, Notes).
 
     Starts from orthonormal zero-mean rows ``K`` (B, m, N), their products ``AK`` (rows
-    :math:`(P A k)^T`) and the rows ``W`` (B, b, N) the next block is made from (the newest
-    products). Returns ``(|λ2| (B,), products)``: ``products`` counts products of single
-    matrices with a block of vectors (each reads the matrix once). A matrix whose dominant
-    Ritz pair meets the residual rule is frozen: its Ritz value is final and it is not read
-    again.
+    :math:`(P A k)^T`) and the rows ``W`` (B, b, N) the next block is made from: the
+    products ``AK`` first, then any extra start rows. Returns ``(|λ2| (B,), products)``:
+    ``products`` counts products of single matrices with a block of vectors (each reads the
+    matrix once). A matrix whose dominant Ritz pair meets the residual rule is frozen: its
+    Ritz value is final and it is not read again.
     """
     B, N = A3.shape[0], A3.shape[-1]
     max_dim = max(2 * W.shape[-2], min(max_dim, N - 1))  # zero-mean vectors: N - 1 dimensions
     keep = max_dim // 2
     live = list(range(B))  # K, AK and W hold the rows of these matrices only
     theta_out = A3.new_zeros(B)
+    new = AK.shape[-2]  # the newest products: the first rows of W, of the last rows of K
     products = restarts = 0
     while True:
-        T = (K @ AK.mT).to(torch.float64)
-        ev, resid = _ritz(T, K, AK)
         m = K.shape[-2]
+        nxt, Wp = _extend_basis(W, K, N - 1 - m)  # the next block, orthogonal to K
+        T = (K @ AK.mT).to(torch.float64)
+        ev, theta, resid = _ritz(T, Wp[:, :new] @ nxt.mT)
         done = resid <= tol
-        if m == N - 1:  # the whole space: Rayleigh-Ritz is exact
-            done[:] = True
         if bool(done.any()):
             for j in done.nonzero()[:, 0].tolist():
-                theta_out[live[j]] = ev[j, 0].abs()
+                theta_out[live[j]] = theta[j].abs()
             go = ~done
             live = [i for i, g in zip(live, go.tolist()) if g]
             if not live:
                 return theta_out, products
-            K, AK, W, T, ev, resid = K[go], AK[go], W[go], T[go], ev[go], resid[go]
-        nxt = _extend_basis(W[:, : N - 1 - m], K)  # the next block, orthogonal to K
+            K, AK, nxt, T, ev, resid = K[go], AK[go], nxt[go], T[go], ev[go], resid[go]
         if m + nxt.shape[-2] > max_dim:  # thick restart: keep the leading Ritz vectors
             if restarts == max_restarts:
                 raise ConvergenceError(
@@ -209,6 +212,7 @@ def _block_krylov_lambda2(A3: torch.Tensor, K: torch.Tensor, AK: torch.Tensor,
                     f"of {max_dim}-dimensional block Krylov spaces (Ritz residual "
                     f"{resid.max().item():.3g} > tol = {tol:g}); try method='dense'")
             restarts += 1
+            ev = ev.gather(-1, torch.sort(ev.abs(), dim=-1, descending=True, stable=True).indices)
             C = _leading_schur_rows(T, ev, keep).to(K.dtype)  # K -> C K, P A K -> C (P A K)
             K, AK = C @ K, C @ AK
         if len(live) == B:  # one batched pass; (A x)^T = x^T A^T for the rows x of `nxt`
@@ -217,7 +221,7 @@ def _block_krylov_lambda2(A3: torch.Tensor, K: torch.Tensor, AK: torch.Tensor,
             W = torch.stack([x @ A3[i].mT for x, i in zip(nxt, live)])
         products += len(live)
         W = W - W.mean(-1, keepdim=True)
-        K, AK = torch.cat([K, nxt], -2), torch.cat([AK, W], -2)
+        K, AK, new = torch.cat([K, nxt], -2), torch.cat([AK, W], -2), W.shape[-2]
 
 
 #: On CPU, Krylov runs the matrices in groups of at most this many bytes, one group after
@@ -235,7 +239,7 @@ def _krylov_lambda2(A3: torch.Tensor, max_dim: int, tol: float, max_restarts: in
     only one more pass (the minimum) instead of two."""
     B, N = A3.shape[0], A3.shape[-1]
     b = min(KRYLOV_BLOCK, N - 1)
-    start = _extend_basis(_zero_mean_rows(b, N, seed, A3), A3[:1, :0])  # same for all
+    start = _extend_basis(_zero_mean_rows(b, N, seed, A3), A3[:1, :0], b)[0]  # same for all
     ones = torch.ones_like(start[:, :1])
     g = _cache_group(A3, KRYLOV_GROUP_BYTES)
     thetas, products = [], 0
@@ -323,9 +327,12 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     arithmetic.
 
     **Stopping rule.** For the dominant Ritz pair :math:`(\theta, z)`, :math:`\|z\|_2 = 1`,
-    the residual :math:`r = P A z - \theta z` is computed from the stored products (no extra
-    product needed), and :math:`\theta` is an exact eigenvalue of :math:`PAP - r z^{\mathsf
-    H}`, a perturbation of norm :math:`\|r\|_2`. Hence :math:`|\theta - \lambda_2| \le
+    the residual :math:`r = P A z - \theta z` needs no extra product: every product but the
+    newest block lies in the span of the basis, so :math:`r` is the newest products' part
+    outside it, which is what the next block is made from, and :math:`\|r\|_2` follows from
+    their coefficients along that block (a :math:`b \times b` computation). :math:`\theta` is
+    an exact eigenvalue of :math:`PAP - r z^{\mathsf H}`, a perturbation of norm
+    :math:`\|r\|_2`. Hence :math:`|\theta - \lambda_2| \le
     \kappa(\lambda_2)\|r\|_2 + O(\|r\|_2^2)`, with :math:`\kappa` the condition number of
     the eigenvalue (Saad [2]_, Ch. 3). The default ``tol = 1e-5`` thus gives
     :math:`|\lambda_2|` to ``1e-4`` for :math:`\kappa \le 10`; on the planted-group attention
