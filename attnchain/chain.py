@@ -39,6 +39,7 @@ __all__ = [
     "ReducibleChainError",
     "check_stochastic",
     "to_stochastic",
+    "restrict",
     "source_chain",
     "bounce",
     "damped",
@@ -264,6 +265,59 @@ def to_stochastic(x, kind: str = "logits", mask=None, dtype: Optional[torch.dtyp
         raise ValueError(f"x has zero rows after masking (first at batch/row index "
                          f"{_first_bad(s[..., 0] == 0)}): the row has no probability mass")
     return x / s
+
+
+def restrict(A, tokens, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    r"""The chain restricted to a subset of tokens, its rows renormalised.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Non-negative weights or a row-stochastic chain.
+    tokens : sequence of int, LongTensor or bool Tensor of shape (N,)
+        The tokens to keep (in that order), or a keep-mask.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64``.
+
+    Returns
+    -------
+    Tensor, shape (..., M, M)
+        :math:`A_{ij} / \sum_{l \in T} A_{il}` for :math:`i, j \in T`: the walk that is
+        conditioned to stay on the kept tokens for one step (the "image tokens only" chain).
+
+    Raises
+    ------
+    ValueError
+        Non-square ``A``, an empty or out-of-range token set, NaN or negative entries, or a kept
+        row with no mass on the kept tokens.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.4, 0.4], [0.0, 0.5, 0.5]])
+    >>> restrict(A, [1, 2])
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.5000]])
+
+    See Also
+    --------
+    to_stochastic : the row normalisation used here.
+    """
+    A = _as_tensor(A, "A")
+    N = _check_square(A)
+    idx = _as_tensor(tokens, "tokens")
+    if idx.dtype == torch.bool:
+        if idx.shape != (N,):
+            raise ValueError(f"a boolean token mask must have shape ({N},), got {tuple(idx.shape)}")
+        idx = torch.nonzero(idx)[:, 0]
+    idx = idx.reshape(-1).long()
+    if idx.numel() == 0:
+        raise ValueError("restrict: no tokens to keep")
+    if bool(((idx < -N) | (idx >= N)).any()):
+        raise ValueError(f"restrict: token index out of range for N = {N} tokens")
+    idx = idx.to(A.device)
+    sub = A.index_select(-2, idx).index_select(-1, idx)
+    return to_stochastic(sub, kind="weights", dtype=dtype)
 
 
 def source_chain(A, dtype: Optional[torch.dtype] = None, atol: float = 1e-4) -> torch.Tensor:

@@ -31,8 +31,8 @@ from scipy.linalg import schur
 from .chain import (ConvergenceError, _as_tensor, _cache_group, _check_rows, _check_square,
                     _prepare, token_rank)
 
-__all__ = ["lambda2", "eigenvalues", "head_weights", "weighted_head_mean", "metastable_states",
-           "choose_bounces"]
+__all__ = ["lambda2", "eigenvalues", "head_weights", "head_mean", "weighted_head_mean",
+           "metastable_states", "choose_bounces", "HEAD_WEIGHTINGS"]
 
 #: ``method="auto"`` uses the dense eigensolver up to this many tokens, Krylov above.
 AUTO_DENSE_MAX_N = 256
@@ -434,7 +434,67 @@ def head_weights(A, head_dim: int = -3, method: str = "auto",
     """
     A = _prepare(A, dtype)
     d = _head_axis(A, head_dim)
-    l2 = lambda2(A, method=method)
+    return _normalised_weights(lambda2(A, method=method), d)
+
+
+#: The head weightings of :func:`head_mean` (one vocabulary across package, chapters and book).
+HEAD_WEIGHTINGS = ("uniform", "lambda2")
+
+
+def head_mean(A, weighting: str = "uniform", head_dim: int = -3, method: str = "auto",
+              dtype: Optional[torch.dtype] = None, lam2=None) -> torch.Tensor:
+    r"""Average of attention heads: uniform, or weighted by :math:`|\lambda_2|`.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., H, ..., N, N)
+        Row-stochastic attention with a head dimension at ``head_dim``.
+    weighting : {"uniform", "lambda2"}
+        ``"uniform"``: :math:`\frac1H \sum_h A^{(h)}`. ``"lambda2"``: :math:`\sum_h w_h A^{(h)}`
+        with the weights of :func:`head_weights`.
+    head_dim : int
+        Dimension of ``A`` holding the heads (default ``-3``: ``(..., H, N, N)``).
+    method : {"auto", "dense", "krylov"}
+        How :func:`lambda2` is computed (``"lambda2"`` only).
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64``.
+    lam2 : Tensor, shape ``A.shape[:-2]``, optional
+        Precomputed :func:`lambda2` of every head, so that it is not computed twice.
+
+    Returns
+    -------
+    Tensor, shape of ``A`` without ``head_dim``
+        A convex combination of row-stochastic matrices, hence row-stochastic.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.stack([torch.eye(2), torch.full((2, 2), 0.5)])
+    >>> head_mean(A)
+    tensor([[0.7500, 0.2500],
+            [0.2500, 0.7500]])
+    >>> head_mean(A, "lambda2").round(decimals=4)   # |λ2| is 1 for the identity, 0 for the flat head
+    tensor([[1., 0.],
+            [0., 1.]])
+
+    See Also
+    --------
+    head_weights, lambda2
+    """
+    if weighting not in HEAD_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {HEAD_WEIGHTINGS}, got {weighting!r}")
+    A = _prepare(A, dtype)
+    d = _head_axis(A, head_dim)
+    if weighting == "uniform":
+        return A.mean(d)
+    if lam2 is None:
+        w = head_weights(A, head_dim=head_dim, method=method)
+    else:
+        w = _normalised_weights(torch.as_tensor(lam2).to(device=A.device, dtype=A.dtype), d)
+    return (A * w[..., None, None]).sum(d)
+
+
+def _normalised_weights(l2: torch.Tensor, d: int) -> torch.Tensor:
     s = l2.sum(d, keepdim=True)
     uniform = torch.full_like(l2, 1.0 / l2.shape[d])
     return torch.where(s > 0, l2 / torch.where(s > 0, s, torch.ones_like(s)), uniform)
