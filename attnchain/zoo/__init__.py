@@ -8,7 +8,7 @@
 See :mod:`attnchain.zoo.registry` for the list and :func:`available` for one-line descriptions.
 """
 from attnchain.zoo.registry import (REGISTRY, ModelEntry, UnavailableModelError, available,
-                                    describe, load, profile)
+                                    describe, load, profile, weights)
 
-__all__ = ["profile", "load", "available", "describe", "ModelEntry", "UnavailableModelError",
+__all__ = ["profile", "weights", "load", "available", "describe", "ModelEntry", "UnavailableModelError",
            "REGISTRY"]

@@ -29,15 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["profile", "load", "available", "describe", "ModelEntry", "UnavailableModelError",
+from attnchain.errors import UnavailableModelError
+
+__all__ = ["profile", "weights", "load", "available", "describe", "ModelEntry", "UnavailableModelError",
            "REGISTRY", "hub_reachable"]
 
 PROFILES = ("offline", "full")
 HUB_URL = "https://huggingface.co"
 
-
-class UnavailableModelError(ValueError):
-    """A model cannot be loaded in the current profile (the message says what to do)."""
 
 
 @dataclass(frozen=True)
@@ -58,16 +57,24 @@ class ModelEntry:
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """True when the Hugging Face hub answers within ``timeout`` seconds (and hub access is not
-    switched off with ``HF_HUB_OFFLINE``)."""
+    switched off with ``HF_HUB_OFFLINE``).
+
+    Any HTTP answer counts, an error status included (a HEAD request may be refused with 403 or
+    405 by a hub that serves downloads); only no answer (no route, DNS failure, timeout) is "not
+    reachable".
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
             os.environ.get("TRANSFORMERS_OFFLINE", "0") not in ("", "0"):
         return False
+    import urllib.error
     import urllib.request
     try:
         req = urllib.request.Request(HUB_URL, method="HEAD")
         with urllib.request.urlopen(req, timeout=timeout):
             return True
-    except Exception:
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (urllib.error.URLError, OSError, ValueError):
         return False
 
 
@@ -83,6 +90,23 @@ def profile() -> str:
             raise ValueError(f"ATTNCHAIN_PROFILE={env!r}: expected 'offline' or 'full'")
         return env
     return "full" if torch.cuda.is_available() and hub_reachable() else "offline"
+
+
+WEIGHTS = ("pretrained", "random")
+
+
+def weights() -> str:
+    """``"pretrained"`` (default) or ``"random"``: the weights of full-profile models.
+
+    ``ATTNCHAIN_WEIGHTS=random`` builds every full-profile model as a *stand-in*: the real
+    architecture at its real size with random weights, downloading nothing. CI uses it with
+    :mod:`attnchain.testing.strict_cuda` to run the chapters' full profile without a GPU or the
+    hub; numbers computed from stand-ins mean nothing about the paper's models.
+    """
+    env = os.environ.get("ATTNCHAIN_WEIGHTS", "").strip().lower() or "pretrained"
+    if env not in WEIGHTS:
+        raise ValueError(f"ATTNCHAIN_WEIGHTS={env!r}: expected 'pretrained' or 'random'")
+    return env
 
 
 def _device(device) -> torch.device:
@@ -359,7 +383,8 @@ def _project_builder(module: str) -> Callable:
 def _timm_loader(timm_name: str) -> Callable:
     def load(device):
         import timm
-        model = timm.create_model(timm_name, pretrained=True).to(device).eval()
+        pretrained = weights() == "pretrained"
+        model = timm.create_model(timm_name, pretrained=pretrained).to(device).eval()
         return model, timm_preprocess(model, device)
     return load
 
