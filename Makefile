@@ -29,8 +29,9 @@ test: setup unit chapters html browser
 
 setup: $(VENV)/.installed $(SRC)/_vendor/mathjax/tex-chtml.js
 
-# torch first, from the build the environment notes name for this processor; then the package.
-$(VENV)/.installed: pyproject.toml
+# torch first, from the build the environment notes name for this processor; then the package,
+# with the book toolchain held at the versions in constraints/book.txt.
+$(VENV)/.installed: pyproject.toml constraints/book.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if [ "$$(uname -m)" = aarch64 ]; then \
@@ -38,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1; \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]" -c constraints/book.txt
 	touch $@
 
 # A copy of the book's sources (outside _build, which nbmake skips), so executing the chapters
