@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import attnchain.capture as capture_mod
+from attnchain import head_mean
 from attnchain.capture import AttentionProbs, TokenLayout, available_layers, capture
 
 timm = pytest.importorskip("timm")
@@ -263,13 +264,14 @@ def test_heads_reduce_rows_cols_dtype(vit, img, full_maps):
     a = full_maps["blocks.0.attn"]
     cases = [
         (dict(heads=[3, 1]), a[:, [3, 1]]),
-        (dict(reduce="mean"), a.mean(1)),
-        (dict(heads=[0, 2], reduce="mean"), a[:, [0, 2]].mean(1)),
+        (dict(weighting="uniform"), a.mean(1)),
+        (dict(heads=[0, 2], weighting="uniform"), a[:, [0, 2]].mean(1)),
         (dict(rows="cls"), a[:, :, :1]),
         (dict(cols="image"), a[..., 3:]),
-        (dict(rows=["cls", "registers"], cols="image", reduce="mean"), a[:, :, :3, 3:].mean(1)),
+        (dict(rows=["cls", "registers"], cols="image", weighting="uniform"),
+         a[:, :, :3, 3:].mean(1)),
         (dict(rows=[4, -1]), a[:, :, [4, 18]]),
-        (dict(reduce=lambda p: p.amax(1)), a.amax(1)),
+        (dict(weighting=lambda p: p.amax(1)), a.amax(1)),
     ]
     for opts, want in cases:
         with torch.no_grad(), capture(vit, layers=0, **opts) as rec:
@@ -287,13 +289,12 @@ def test_heads_reduce_rows_cols_dtype(vit, img, full_maps):
     torch.testing.assert_close(rec.attentions["blocks.0.attn"], a.double(), atol=1e-6, rtol=0)
 
 
-def test_reduce_lambda2(vit, img, full_maps):
-    spectral = pytest.importorskip("attnchain.spectral")
+def test_weighting_lambda2(vit, img, full_maps):
     a = full_maps["blocks.1.attn"]
-    with torch.no_grad(), capture(vit, layers=1, reduce="lambda2") as rec:
+    with torch.no_grad(), capture(vit, layers=1, weighting="lambda2") as rec:
         vit(img)
     got = rec.attentions["blocks.1.attn"]
-    torch.testing.assert_close(got, spectral.weighted_head_mean(a).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, head_mean(a, "lambda2").float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(got.sum(-1), torch.ones(2, 19), atol=1e-5, rtol=0)
 
 
@@ -302,13 +303,14 @@ def test_keep_qk(vit, img, full_maps):
         vit(img)
     assert len(rec.attentions) == 0 and list(rec.qk) == ["blocks.0.attn", "blocks.1.attn"]
     for n, qk in rec.qk.items():
-        assert qk.q.shape == (2, 2, 19, 8) and qk.k.shape == (2, 2, 19, 8)
-        torch.testing.assert_close(qk.probs(), full_maps[n][:, [1, 2]], atol=1e-6, rtol=0)
+        assert qk.q.shape == (1, 2, 2, 19, 8) and qk.k.shape == (1, 2, 2, 19, 8)  # "stack": S = 1
+        torch.testing.assert_close(qk.probs()[0], full_maps[n][:, [1, 2]], atol=1e-6, rtol=0)
     with torch.no_grad(), capture(vit, keep="qk", rows="cls", cols="image") as rec:
         vit(img)
     qk = rec.qk["blocks.0.attn"]
     assert qk.q.shape[-2] == 1
-    torch.testing.assert_close(qk.probs(), full_maps["blocks.0.attn"][:, :, :1, 3:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(qk.probs()[0], full_maps["blocks.0.attn"][:, :, :1, 3:], atol=1e-6,
+                               rtol=0)
 
 
 def test_steps_selection_and_step_reduce(vit):
@@ -340,9 +342,9 @@ def test_steps_selection_and_step_reduce(vit):
 
 
 def test_bad_options(vit):
-    for opts, msg in [(dict(keep="maps"), "keep"), (dict(reduce="max"), "reduce"),
+    for opts, msg in [(dict(keep="maps"), "keep"), (dict(weighting="max"), "weighting"),
                       (dict(dtype=torch.int8), "dtype"), (dict(step_reduce="sum"), "step_reduce"),
-                      (dict(keep="qk", reduce="mean"), "keep='qk'"),
+                      (dict(keep="qk", weighting="uniform"), "keep='qk'"),
                       (dict(keep="qk", step_reduce="mean"), "keep='qk'")]:
         with pytest.raises(ValueError, match=msg):
             capture(vit, **opts)
@@ -377,16 +379,6 @@ def test_package_is_callable(vit, img):
         vit(img)
     assert list(rec.attentions) == ["blocks.0.attn"]
     assert callable(capture_mod)
-
-
-def test_missing_adapter_module_is_tolerated(monkeypatch, vit, img):
-    monkeypatch.setattr(capture_mod, "ADAPTERS", capture_mod.ADAPTERS + ("attnchain.capture.nope",))
-    with torch.no_grad(), capture(vit, layers=0) as rec:
-        vit(img)
-    assert len(rec.attentions) == 1
-    with pytest.raises(ValueError, match="nope: not written yet"):
-        with capture(nn.Linear(2, 2)):
-            pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,8 +571,8 @@ def test_probe_memory_options_match_slicing():
     with torch.no_grad(), capture(m, layers=0) as rec:
         m(x)
     a = rec.attentions["blocks.0"]
-    for opts, want in [(dict(reduce="mean", rows="cls"), a[:, :, :1].mean(1)),
-                       (dict(reduce=lambda p: p.amax(1), cols=[4, 1]), a[..., [4, 1]].amax(1)),
+    for opts, want in [(dict(weighting="uniform", rows="cls"), a[:, :, :1].mean(1)),
+                       (dict(weighting=lambda p: p.amax(1), cols=[4, 1]), a[..., [4, 1]].amax(1)),
                        (dict(heads=1, dtype=torch.bfloat16), a[:, [1]].bfloat16())]:
         with torch.no_grad(), capture(m, layers=0, **opts) as rec:
             m(x)
@@ -590,15 +582,15 @@ def test_probe_memory_options_match_slicing():
 
 
 def test_probe_lambda2_matches_qk_path(vit, img):
-    spectral = pytest.importorskip("attnchain.spectral")
     torch.manual_seed(0)
     m = ProbeNet().eval()
     x = torch.randn(2, 5, 8)
     with torch.no_grad(), capture(m, layers=1) as rec:
         m(x)
-    with torch.no_grad(), capture(m, layers=1, reduce="lambda2", rows="image", cols="image") as rec2:
+    with torch.no_grad(), capture(m, layers=1, weighting="lambda2", rows="image",
+                                  cols="image") as rec2:
         m(x)
-    want = spectral.weighted_head_mean(rec.attentions["blocks.1"])[:, 1:, 1:]
+    want = head_mean(rec.attentions["blocks.1"], "lambda2")[:, 1:, 1:]
     torch.testing.assert_close(rec2.attentions["blocks.1"], want.float(), atol=1e-5, rtol=0)
 
 
@@ -631,3 +623,4 @@ def test_hf_dinov2_registers_layout_and_eager_reference():
     lay = rec.layout
     assert lay.cls == (0,) and lay.registers == (1, 2, 3) and lay.grid == (4, 4)
     assert hook_snapshot(m) == before
+

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 diffusers = pytest.importorskip("diffusers")
 
 from attnchain.capture import available_layers, capture  # noqa: E402
-from attnchain.capture import diffusers_flux, diffusers_unet  # noqa: E402
+from attnchain.capture.adapters import diffusers_flux, diffusers_unet  # noqa: E402
 
 ATOL = 2e-5
 
@@ -298,7 +298,7 @@ def test_unet_mask_and_qk(unet, unet_inputs):
             _unet_out(unet, unet_inputs)
     qk = rec.qk[layer]
     ref = _unet_reference(attn, seen[layer][0][0][0])
-    torch.testing.assert_close(qk.probs(torch.float64), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(qk.probs(torch.float64)[0], ref, atol=ATOL, rtol=0)  # S = 1
     # a key mask passed to the attention module: blocked keys get exactly zero probability
     hs = seen[layer][0][0][0]
     keep = torch.rand(hs.shape[0], 1, hs.shape[1], generator=torch.Generator().manual_seed(4)) > 0.3
@@ -388,7 +388,8 @@ def test_flux_qk_mode_after_rope(flux, flux_inputs):
     assert torch.equal(out, _flux_out(flux, flux_inputs))
     for name in FLUX_LAYERS:
         q, k = rec.qk[name].q, rec.qk[name].k
-        assert q.shape == k.shape == (2, 2, N_TXT + 24, 16)
+        assert q.shape == k.shape == (1, 2, 2, N_TXT + 24, 16)  # "stack": S = 1
+        q, k = q[0], k[0]
         A = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4.0, -1)
         torch.testing.assert_close(A, rec_p.attentions[name].double(), atol=ATOL, rtol=0)
 

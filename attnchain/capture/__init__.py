@@ -1,205 +1,88 @@
-"""Record post-softmax attention from real models without changing their outputs.
+r"""Record post-softmax attention from real models without changing their outputs.
 
-Usage
------
->>> with attnchain.capture(model) as rec:             # doctest: +SKIP
-...     model(x)
->>> rec.attentions["blocks.3.attn"].shape              # (B, H, N_q, N_k)  # doctest: +SKIP
->>> rec.tokens["blocks.3.attn"].registers, rec.layout.grid   # doctest: +SKIP
+``with attnchain.capture(model) as rec: model(x)`` records, for every attention layer, the map
+:math:`A_h = \operatorname{softmax}(s\,Q_h K_h^\top + M)` that the layer's kernel computes, keyed
+by the model's own module names in model order (``rec.attentions["blocks.3.attn"]``), with each
+layer's token layout (``rec.tokens[name]``: CLS, registers, text, image tokens and the patch grid).
 
-Keys are the model's own module names (``model.get_submodule(name)`` is the attention module),
-in model order. Fused attention (SDPA, flash) stays on: adapters only *observe* queries and keys
-with hooks, and the recorder forms ``softmax(s · Q Kᵀ + M)`` itself (see
-:mod:`attnchain.capture.recorder`).
+Fused attention (SDPA, flash) stays on: the adapters only *observe* queries and keys with hooks,
+and the recorder forms the softmax itself, so the model's outputs are bit-identical.
 
-How an adapter plugs in (for adapter authors)
----------------------------------------------
-An adapter is a module listed in :data:`ADAPTERS`, imported lazily the first time a
-``capture`` context opens; a listed module that does not exist (yet) or fails to import is
-skipped (the failure is reported if no other adapter matches). It defines three functions:
+Layout of the package:
 
-``matches(model) -> bool``
-    True when this adapter handles ``model`` (any object; must not raise and should not import
-    heavy libraries just to say no).
-``attention_layers(model) -> list[tuple[str, nn.Module]]``
-    Every attention layer it can capture, ``(name, module)``, in model order. Names must be
-    stable and readable -- normally ``model.named_modules()`` names. The core concatenates the
-    lists of all matching adapters and resolves ``layers=`` (names, glob patterns, integer
-    indices into that list, or a predicate) before any install.
-``install(model, recorder) -> list[callable]``
-    Registers hooks (or swaps processors) for the layers with ``recorder.wants_layer(name)``
-    and returns undo callables; the core calls them in reverse order on exit, also after an
-    exception. If ``install`` itself fails it must undo what it did before raising.
+- :mod:`attnchain.capture.core`: the adapter interface and registry, installing and undoing hooks.
+- :mod:`attnchain.capture.recorder`: the :class:`Recorder` and its records (:class:`QK`).
+- :mod:`attnchain.capture.layout`: :class:`TokenLayout`.
+- :mod:`attnchain.capture.probe`: :class:`AttentionProbs`, the capture point of models written in
+  this project.
+- ``attnchain.capture.adapters``: one module per architecture (timm ViT, transformers encoders,
+  diffusers UNet and FLUX, AttentionProbs).
 
-At run time an adapter, for each call of a selected layer:
-
-1. checks ``recorder.wants(name)`` (layer selected, current step selected, context open) and
-   skips all work otherwise;
-2. calls ``recorder.record_qk(name, q, k, scale=s, mask=m, tokens=layout)`` with
-   ``q (B, H, N_q, d)`` and ``k (B, H, N_k, d)`` exactly as the kernel multiplies them (after
-   QK-norm/RoPE, before scaling), ``m`` a boolean keep-mask (True = may attend) or additive
-   float mask broadcastable to ``(B, H, N_q, N_k)`` (``bias=`` is an alias), ``is_causal=``
-   as SDPA; or ``recorder.record_probs(name, probs, tokens=layout)`` when only the
-   probabilities are observable (then ``keep="qk"`` raises);
-3. describes the token sequence with ``tokens=``: a :class:`TokenLayout` or a dict
-   ``{"cls": ..., "registers": ..., "text": ..., "image": ..., "grid": (h, w), "kind": str}``
-   where a 2-tuple is a half-open range ``(start, stop)`` and a list/tensor explicit positions;
-   ``key_tokens=`` likewise for the key sequence of cross-attention.
-
-Steps: when the captured object is an ``nn.Module``, the core counts its forward calls
-(``recorder.step``, 0-based) with a pre-hook registered before the adapters' hooks;
-``recorder.begin_step()`` is then a no-op, so adapters may call it anyway. For other objects
-(a pipeline) an adapter calls ``recorder.begin_step()`` at the start of each denoiser call.
-``recorder.wants_step()`` says whether the current step is selected.
-
-**References**
-
-Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2507.17657.
+References
+----------
+Erel et al., "Attention (as Discrete-Time Markov) Chains" :cite:`erel2025attention`.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import sys
+import types
 from typing import Any
 
-from torch import nn
-
-from attnchain.capture.probe import AttentionProbs
-from attnchain.capture.recorder import QK, ROLES, Recorder, TokenLayout
-
-__all__ = ["capture", "Recorder", "TokenLayout", "QK", "AttentionProbs", "ADAPTERS",
-           "available_layers", "ROLES"]
-
-#: adapter modules, tried in this order.
-ADAPTERS = (
-    "attnchain.capture.probe_adapter",
-    "attnchain.capture.timm_vit",
-    "attnchain.capture.hf_transformers",
-    "attnchain.capture.diffusers_unet",
-    "attnchain.capture.diffusers_flux",
+from attnchain.capture.core import (
+    BUILTIN_ADAPTERS,
+    available_layers,
+    register_adapter,
+    registered_adapters,
+    unregister_adapter,
 )
+from attnchain.capture.layout import ROLES, TokenLayout
+from attnchain.capture.probe import AttentionProbs
+from attnchain.capture.recorder import QK, STEP_REDUCTIONS, Recorder
 
-_loaded: dict[str, Any] = {}
-
-
-def _adapter(modname: str) -> tuple[Any | None, str | None]:
-    """Import one adapter lazily; (module, None) or (None, why it is unavailable)."""
-    if modname in _loaded:
-        return _loaded[modname], None
-    try:
-        if importlib.util.find_spec(modname) is None:
-            return None, "not written yet"
-        mod = importlib.import_module(modname)
-    except Exception as err:  # an adapter still being written must not break the others
-        return None, f"import failed: {err!r}"
-    for fn in ("matches", "attention_layers", "install"):
-        if not callable(getattr(mod, fn, None)):
-            return None, f"has no {fn}()"
-    _loaded[modname] = mod
-    return mod, None
+__all__ = ["capture", "available_layers", "Recorder", "TokenLayout", "QK", "AttentionProbs",
+           "ROLES", "STEP_REDUCTIONS", "BUILTIN_ADAPTERS", "register_adapter",
+           "unregister_adapter", "registered_adapters"]
 
 
-def _matching(model: Any) -> tuple[list[Any], dict[str, str]]:
-    found, skipped = [], {}
-    for modname in ADAPTERS:
-        mod, why = _adapter(modname)
-        if mod is None:
-            skipped[modname] = why
-            continue
-        if mod.matches(model):
-            found.append(mod)
-    return found, skipped
-
-
-def _model_order(model: Any, names: list[str]) -> list[str]:
-    if not isinstance(model, nn.Module):
-        return names
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(names, key=lambda n: (order.get(n, len(order)), names.index(n)))
-
-
-def available_layers(model: Any) -> list[str]:
-    """Names of every attention layer ``capture`` can record in ``model``, in model order."""
-    adapters, skipped = _matching(model)
-    if not adapters:
-        raise ValueError(_no_adapter_message(model, skipped))
-    names = [n for a in adapters for n, _ in a.attention_layers(model)]
-    return _model_order(model, names)
-
-
-def _no_adapter_message(model: Any, skipped: dict[str, str]) -> str:
-    msg = (f"attnchain.capture: no adapter handles {type(model).__name__} (supported: timm "
-           "VisionTransformer, transformers BERT-family/ViT encoders, diffusers UNet2DCondition"
-           "Model and FluxTransformer2DModel, models with attnchain AttentionProbs modules)")
-    if skipped:
-        msg += "; unavailable adapters: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    return msg
-
-
-def _install(rec: Recorder) -> None:
-    """Install the adapters' hooks for ``rec`` (called by ``Recorder.__enter__``)."""
-    model = rec._model
-    adapters, skipped = _matching(model)
-    if not adapters:
-        raise ValueError(_no_adapter_message(model, skipped))
-    names = [n for a in adapters for n, _ in a.attention_layers(model)]
-    if not names:
-        raise ValueError(f"attnchain.capture: {type(model).__name__} has no attention layer that "
-                         f"{', '.join(a.__name__ for a in adapters)} can capture")
-    rec._resolve_layers(_model_order(model, names))
-    rec._adapters = [a.__name__.rsplit(".", 1)[-1] for a in adapters]
-    try:
-        if isinstance(model, nn.Module):
-            rec.core_counts_steps = True
-            rec._undo.append(model.register_forward_pre_hook(rec._core_step).remove)
-        for a in adapters:
-            undo = a.install(model, rec)
-            rec._undo.extend(undo)
-    except BaseException:
-        rec.close()
-        raise
-    rec.active = True
-
-
-def capture(model: Any, layers=None, heads=None, reduce=None, dtype=None, *, steps=None,
+def capture(model: Any, layers=None, heads=None, weighting=None, dtype=None, *, steps=None,
             rows=None, cols=None, keep: str = "probs", step_reduce: str | None = None,
             detach: bool = True) -> Recorder:
-    """Context manager that records the post-softmax attention of ``model``'s layers.
+    r"""Context manager that records the post-softmax attention of ``model``'s layers.
 
     Parameters
     ----------
-    model : nn.Module (or an object an adapter matches)
+    model : nn.Module or a pipeline
         A timm ``VisionTransformer``, a transformers BERT-family or ViT model, a diffusers
-        ``UNet2DConditionModel`` / ``FluxTransformer2DModel``, or any model whose attention goes
-        through :class:`~attnchain.capture.probe.AttentionProbs`.
+        ``UNet2DConditionModel`` or ``FluxTransformer2DModel`` (or a pipeline holding one as
+        ``.unet`` / ``.transformer``), a model whose attention goes through
+        :class:`AttentionProbs`, or anything a registered adapter handles.
     layers : None, str, int, sequence of those, or callable
         Which layers: None = all; names (exact or ``fnmatch`` patterns such as
         ``"blocks.1*.attn"``); integer indices into :func:`available_layers`; or a predicate
         ``name -> bool``.
     heads : None, int or sequence of int
-        Heads to keep (before any reduction).
-    steps : None, int, sequence of int, or callable
-        Which forward calls (denoising steps, 0-based) to record.
-    reduce : None, "mean", "lambda2" or callable
-        On-the-fly head reduction: plain head mean (computed head block by head block), the
-        λ2-weighted head mean :func:`attnchain.spectral.weighted_head_mean` (weights from the
-        full square maps, before ``rows``/``cols``), or ``f((B, H, N_q, N_k)) -> Tensor``.
-        Reduced maps are ``(B, N_q, N_k)``.
+        Heads to keep (before any weighting).
+    weighting : None, "uniform", "lambda2" or callable
+        Head reduction while recording (:data:`attnchain.spectral.HEAD_WEIGHTINGS`): the plain
+        head mean, the :math:`|\lambda_2|`-weighted head mean of :func:`attnchain.head_mean`
+        (weights from the full square maps, before ``rows``/``cols``), or
+        ``f((B, H, N_q, N_k)) -> Tensor``. None keeps every head.
     dtype : torch.dtype, optional
         Storage dtype (default float32; ``torch.float16``/``bfloat16`` halve memory). The
-        softmax is always computed in float32 (float64 if ``dtype=torch.float64``).
+        softmax is computed in float32 (float64 if ``dtype=torch.float64``).
+    steps : None, int, sequence of int, or callable
+        Which forward calls (denoising steps, 0-based) to record.
     rows, cols : None, sequence of int, role name(s) or callable
         Keep only these query rows / key columns. Role names (``"cls"``, ``"registers"``,
         ``"prefix"``, ``"text"``, ``"image"``) resolve per layer through its token layout; a
         callable gets the layout and returns positions. The softmax is over all keys, so rows
-        restricted in ``cols`` no longer sum to one.
+        restricted by ``cols`` no longer sum to one.
     keep : "probs" or "qk"
-        ``"qk"`` stores queries and keys only (:attr:`Recorder.qk`), never the ``N × N`` map;
-        ``rec.qk[name].probs()`` or :mod:`attnchain.implicit` compute from them later.
+        ``"qk"`` stores queries and keys only (:attr:`Recorder.qk`), never the ``N × N`` map.
     step_reduce : None, "mean", "stack" or "last"
-        Several recorded calls of a layer: running mean (default for maps; a mean of
-        row-stochastic maps is row-stochastic), stacked along a new leading dim (default for
-        ``keep="qk"``), or the last one.
+        How several recorded calls of a layer combine: running mean (the default for maps; a
+        mean of row-stochastic maps is row-stochastic), stacked along a leading step dimension
+        (the default for ``keep="qk"``), or the last call only.
     detach : bool
         Record detached tensors (default), so capture never keeps an autograd graph alive.
 
@@ -209,27 +92,83 @@ def capture(model: Any, layers=None, heads=None, reduce=None, dtype=None, *, ste
         Use it as a context manager; hooks live only inside the ``with`` block and are removed
         on exit, also after an exception.
 
+    Raises
+    ------
+    ValueError
+        A bad option; no adapter handles ``model``; ``layers`` matches nothing; during a forward
+        pass: out-of-range ``heads``/``rows``/``cols``, or a call that cannot be combined with
+        the earlier ones (see Notes).
+    attnchain.errors.AdapterError
+        A registered adapter cannot be imported or lacks its interface.
+
     Notes
     -----
-    For a selected layer and call, with queries ``Q_h`` and keys ``K_h`` of head ``h`` observed
-    right where the model's kernel consumes them,
-    ``A_h = softmax(s Q_h K_hᵀ + M)`` with the layer's scale ``s`` and additive mask ``M``.
-    The model's outputs are bit-identical with and without capture because nothing in the
-    model's computation is replaced. Maps are the pre-dropout probabilities (models in training
-    mode apply attention dropout after them). The map is formed in float32 even for a half
-    precision model, so it can differ from the model's own fp16 kernel by fp16 rounding.
+    **What is recorded.** For a selected layer and call, with queries :math:`Q_h` and keys
+    :math:`K_h` of head :math:`h` observed where the model's kernel consumes them (after QK-norm
+    and RoPE), :math:`A_h = \operatorname{softmax}(s\,Q_h K_h^\top + M)` with the layer's scale
+    :math:`s` and additive mask :math:`M` (:func:`attnchain.operators.attention_probs`). Nothing
+    in the model's computation is replaced, so its outputs are bit-identical with and without
+    capture. Maps are pre-dropout probabilities. They are formed in float32 even for a half
+    precision model, so they can differ from the model's own fp16 kernel by fp16 rounding.
+
+    **Shape of a record**, one rule whatever the number ``S`` of recorded calls (steps):
+
+    - ``step_reduce="mean"`` or ``"last"``: ``(B, H, N_q, N_k)``, or ``(B, N_q, N_k)`` with
+      ``weighting="uniform"``/``"lambda2"``. Never a step dimension, also for many steps.
+    - ``step_reduce="stack"``: the same with a leading step dimension, ``(S, B, H, N_q, N_k)``
+      or ``(S, B, N_q, N_k)``; ``S = 1`` for a single call.
+    - ``keep="qk"``: ``rec.qk[name].q`` is ``(S, B, H, N_q, d)`` under ``"stack"`` (its
+      default) and ``(B, H, N_q, d)`` under ``"last"``; ``rec.qk[name].probs()`` has the shape
+      of the map.
+
+    ``heads``, ``rows`` and ``cols`` shrink ``H``, ``N_q`` and ``N_k``; a callable
+    ``weighting`` gives what it returns (behind the step dimension under ``"stack"``).
+
+    **Calls of different shapes.** ``"mean"`` and ``"stack"`` combine calls whose records have
+    one shape and one token layout: averaging or stacking maps of different batch sizes (or
+    image sizes) has no meaning, because batch entries of different calls are different inputs.
+    A call that differs raises a ``ValueError`` naming the layer and both shapes, in that forward
+    pass, before anything is stored: the record of the earlier calls stays readable and the
+    hooks are removed as the error leaves the ``with`` block. ``"last"`` keeps the latest call
+    whatever its shape. To record batches of different sizes, capture each batch in its own
+    context.
+
+    Examples
+    --------
+    >>> import torch, attnchain as ac
+    >>> model, _ = ac.zoo.load("tiny-timm-vit")
+    >>> x = torch.zeros(2, 3, 32, 32)
+    >>> with torch.no_grad(), ac.capture(model) as rec:
+    ...     _ = model(x)
+    >>> list(rec.attentions), rec.attentions["blocks.0.attn"].shape
+    (['blocks.0.attn', 'blocks.1.attn'], torch.Size([2, 4, 19, 19]))
+    >>> rec.layout.cls, rec.layout.registers, rec.layout.grid
+    ((0,), (1, 2), (4, 4))
+
+    Head weighting, one layer, and the step dimension of ``"stack"``:
+
+    >>> with torch.no_grad(), ac.capture(model, layers=-1, weighting="lambda2",
+    ...                                  step_reduce="stack") as rec:
+    ...     _ = model(x)
+    >>> rec.attentions["blocks.1.attn"].shape
+    torch.Size([1, 2, 19, 19])
+
+    See Also
+    --------
+    available_layers : the layer names ``layers=`` resolves against.
+    attnchain.head_mean : the head weightings.
+    attnchain.capture.core.register_adapter : capture one more architecture.
 
     References
     ----------
-    Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2507.17657.
+    Erel et al., "Attention (as Discrete-Time Markov) Chains" :cite:`erel2025attention`.
     """
-    rec = Recorder(layers=layers, heads=heads, steps=steps, reduce=reduce, rows=rows, cols=cols,
-                   dtype=dtype, keep=keep, step_reduce=step_reduce, detach=detach)
-    rec._model = model
-    return rec
+    return Recorder(model, layers=layers, heads=heads, steps=steps, weighting=weighting,
+                    rows=rows, cols=cols, dtype=dtype, keep=keep, step_reduce=step_reduce,
+                    detach=detach)
 
 
-class _CallableModule(type(importlib)):
+class _CallableModule(types.ModuleType):
     """Makes ``attnchain.capture(model)`` work whether ``attnchain.capture`` names this package
     or the function (the package is callable and forwards to :func:`capture`)."""
 
@@ -237,6 +176,4 @@ class _CallableModule(type(importlib)):
         return capture(*args, **kwargs)
 
 
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__class__ = _CallableModule
