@@ -624,3 +624,185 @@ def test_hf_dinov2_registers_layout_and_eager_reference():
     assert lay.cls == (0,) and lay.registers == (1, 2, 3) and lay.grid == (4, 4)
     assert hook_snapshot(m) == before
 
+
+# ----------------------------------------------------------------------------------------------
+# adapter registration
+# ----------------------------------------------------------------------------------------------
+def test_adapter_that_fails_to_import_raises_with_the_reason(tmp_path, monkeypatch, vit, img):
+    from attnchain.capture import core
+    from attnchain.errors import AdapterError
+    (tmp_path / "broken_adapter.py").write_text("import no_such_library_xyz\n")
+    (tmp_path / "partial_adapter.py").write_text("def matches(model):\n    return False\n"
+                                                 "def sites(root):\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(AdapterError, match="broken_adapter.*cannot be imported.*no_such_library"):
+        core.register_adapter("broken_adapter")
+    with pytest.raises(AdapterError, match="partial_adapter.*has no read"):
+        core.register_adapter("partial_adapter")
+    with pytest.raises(AdapterError, match="has no matches, sites, read"):
+        core.register_adapter(object(), name="empty")
+    assert core.registered_adapters() == core.BUILTIN_ADAPTERS    # nothing half-registered
+    # an entry of the registry that breaks later is an error at capture time, not "no adapter"
+    monkeypatch.setitem(core._registry, "broken_adapter", "broken_adapter")
+    with pytest.raises(AdapterError, match="cannot be imported.*no_such_library_xyz"):
+        with capture(vit):
+            pass
+    assert_no_hooks(vit)
+
+
+def test_registered_adapter_is_used_and_can_be_removed(vit, img):
+    from attnchain.capture import core
+    from attnchain.capture.adapters import timm_vit
+
+    class OneLayer:   # a declaration only: the last layer, under another name
+        matches = staticmethod(timm_vit.matches)
+        observers = staticmethod(timm_vit.observers)
+        read = staticmethod(timm_vit.read)
+
+        def sites(self, root):
+            site = timm_vit.sites(root)[-1]
+            return [core.Site("last", site.module, site.taps, site.info)]
+
+    name = core.register_adapter(OneLayer())
+    try:
+        with pytest.raises(ValueError, match="registered already"):
+            core.register_adapter(OneLayer())
+        with torch.no_grad(), capture(vit, layers="last") as rec:
+            vit(img)
+        assert rec.adapters == ["timm_vit", "OneLayer"] and list(rec.attentions) == ["last"]
+        with torch.no_grad(), capture(vit, layers="blocks.1.attn") as ref:
+            vit(img)
+        assert torch.equal(rec.attentions["last"], ref.attentions["blocks.1.attn"])
+    finally:
+        core.unregister_adapter(name)
+    assert name not in core.registered_adapters()
+    assert_no_hooks(vit)
+
+
+def test_install_failure_undoes_every_adapter(vit):
+    """An adapter failing half-way through installing leaves no hook of any adapter behind."""
+    from attnchain.capture import core
+    from attnchain.capture.adapters import timm_vit
+
+    class Failing:
+        matches, read = staticmethod(timm_vit.matches), staticmethod(timm_vit.read)
+
+        def observers(self, root, sites):
+            return [(root.blocks[0], lambda ctx, args: None), (None, None)]  # second one breaks
+
+    class Renamed:   # the same layers under other names, installed by a second adapter
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, attr):
+            return getattr(self.inner, attr)
+
+        def sites(self, root):
+            return [core.Site("x." + s.name, s.module, s.taps, s.info)
+                    for s in timm_vit.sites(root)]
+
+    name = core.register_adapter(Renamed(Failing()), name="failing")
+    try:
+        with pytest.raises(AttributeError):
+            with capture(vit):
+                pass
+    finally:
+        core.unregister_adapter(name)
+    assert_no_hooks(vit)
+
+
+# ----------------------------------------------------------------------------------------------
+# the shape contract, and calls of different shapes (issue 17)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("calls", [1, 3])
+@pytest.mark.parametrize("weighting", [None, "uniform", "lambda2"])
+def test_record_shape_contract(vit, calls, weighting):
+    """"stack" always has the leading step dim (also for one call); "mean"/"last" never."""
+    xs = [torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+          for i in range(calls)]
+    head = () if weighting else (4,)
+    for step_reduce, lead in [("mean", ()), ("last", ()), ("stack", (calls,))]:
+        with torch.no_grad(), capture(vit, layers=0, weighting=weighting,
+                                      step_reduce=step_reduce) as rec:
+            for x in xs:
+                vit(x)
+        assert rec.attentions["blocks.0.attn"].shape == lead + (2,) + head + (19, 19), step_reduce
+    for step_reduce, lead in [("stack", (calls,)), ("last", ())]:
+        if weighting is not None:
+            continue
+        with torch.no_grad(), capture(vit, layers=0, keep="qk", step_reduce=step_reduce) as rec:
+            for x in xs:
+                vit(x)
+        qk = rec.qk["blocks.0.attn"]
+        assert qk.q.shape == lead + (2, 4, 19, 8) and qk.probs().shape == lead + (2, 4, 19, 19)
+    assert_no_hooks(vit)
+
+
+@pytest.mark.parametrize("keep,step_reduce", [("probs", "mean"), ("probs", "stack"),
+                                              ("qk", "stack")])
+def test_calls_with_different_batch_sizes(vit, keep, step_reduce):
+    """Issue 17: a second forward pass with another batch size is a clear ValueError in that
+    pass (not an internal shape error, not an unreadable record); the first call's record stays
+    readable; step_reduce="last" records the latest call."""
+    x2, x3 = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), capture(vit, layers=0, keep=keep) as one:
+        vit(x2)
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn: forward call 2 .*batch size"):
+        with torch.no_grad(), capture(vit, layers=0, keep=keep, step_reduce=step_reduce) as rec:
+            vit(x2)
+            vit(x3)
+    assert_no_hooks(vit)
+    got = rec.qk if keep == "qk" else rec.attentions
+    ref = one.qk if keep == "qk" else one.attentions
+    if keep == "qk":
+        assert torch.equal(got["blocks.0.attn"].q, ref["blocks.0.attn"].q)
+    else:
+        want = ref["blocks.0.attn"][None] if step_reduce == "stack" else ref["blocks.0.attn"]
+        assert torch.equal(got["blocks.0.attn"], want)
+    with torch.no_grad(), capture(vit, layers=0, keep=keep, step_reduce="last") as rec:
+        vit(x2)
+        vit(x3)
+    last = rec.qk["blocks.0.attn"].q if keep == "qk" else rec.attentions["blocks.0.attn"]
+    assert last.shape[0] == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# undo on exceptions, every adapter (the diffusers ones: tests/test_capture_diffusers.py)
+# ----------------------------------------------------------------------------------------------
+def _hf_vit():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=64)
+    return transformers.ViTModel(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("arch", ["timm", "bert", "hf-vit", "probe"])
+@pytest.mark.parametrize("where", ["block", "layer-option"])
+def test_exception_inside_capture_removes_every_hook(arch, where):
+    """An error in the forward pass (raised by the model, or by capture itself for a bad option)
+    leaves the hook count as before, and a later capture works."""
+    model, run, block = {
+        "timm": lambda: (tiny_vit(), lambda m: m(torch.randn(1, 3, 32, 32)), "blocks.1"),
+        "bert": lambda: (tiny_bert(), lambda m: m(input_ids=torch.ones(1, 5, dtype=torch.long)),
+                         "encoder.layer.1"),
+        "hf-vit": lambda: (_hf_vit(), lambda m: m(pixel_values=torch.randn(1, 3, 32, 32)),
+                           "layers.1"),
+        "probe": lambda: (ProbeNet().eval(), lambda m: m(torch.randn(1, 5, 8)), "blocks.1"),
+    }[arch]()
+    before = hook_snapshot(model)
+    handle = None
+    if where == "block":
+        def boom(mod, args, out):
+            raise RuntimeError("boom inside block")
+        handle = model.get_submodule(block).register_forward_hook(boom)
+    try:
+        with pytest.raises((RuntimeError, ValueError), match="boom|out of range"):
+            with torch.no_grad(), capture(model, heads=None if where == "block" else [99]):
+                run(model)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert hook_snapshot(model) == before
+    with torch.no_grad(), capture(model) as rec:
+        run(model)
+    assert len(rec.attentions) == 2 and hook_snapshot(model) == before
