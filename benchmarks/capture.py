@@ -6,6 +6,8 @@ Models (random weights, timm ``VisionTransformer`` so the timm adapter is measur
 * ``flux-size``: the attention size of FLUX.1 at 512 px (1024 image + 512 text = 1536 tokens,
   24 heads), with a narrower width to stay CPU-friendly: 2 blocks, 24 heads × 32 dims
   (dim 768), N = 1536 (1 CLS + 1535 tokens fed as a 1535-token sequence), batch 1.
+* ``tiny``: the zoo's ``tiny-timm-vit`` (N = 19), a seconds-long smoke run of every option:
+  ``python benchmarks/capture.py --models tiny --repeats 1``.
 
 Method: every (model, option) pair runs in its own fresh subprocess. Memory: resident set size
 before the measured forward (model and input built, nothing run yet) is subtracted from the
@@ -33,8 +35,8 @@ OPTIONS = {
     "full (all layers, all heads)": {},
     "last layer only": {"layers": -1},
     "one head": {"heads": [0]},
-    "head mean": {"reduce": "mean"},
-    "λ2-weighted head mean": {"reduce": "lambda2"},
+    "head mean": {"weighting": "uniform"},
+    "λ2-weighted head mean": {"weighting": "lambda2"},
     "CLS row + image cols": {"rows": "cls", "cols": "image"},
     "float16 storage": {"dtype": "float16"},
     "keep='qk'": {"keep": "qk"},
@@ -63,6 +65,11 @@ def _build(model_name: str):
                               num_classes=0, class_token=True)
         x = torch.randn(1, 1536, 768)
         return m.eval(), (lambda: m.blocks(x))
+    if model_name == "tiny":
+        from attnchain.zoo.registry import build_tiny_timm_vit
+        m = build_tiny_timm_vit()
+        x = torch.randn(2, 3, 32, 32)
+        return m.eval(), (lambda: m(x))
     raise ValueError(model_name)
 
 

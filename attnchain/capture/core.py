@@ -32,10 +32,8 @@ An adapter is a module (or any object) with these functions; only the first thre
     Before a call: False leaves it unrecorded; raising refuses it (unsupported inputs).
 
 Register it with :func:`register_adapter` (the built-in ones are :data:`BUILTIN_ADAPTERS`).
-
-Examples
---------
-An adapter for a toy attention module, declared in a few lines:
+TransformerLens's hook points and architecture adapters, and diffusers' hook registry, are the
+models of this split. An adapter for a toy attention module, declared in a few lines:
 
 >>> import torch
 >>> from torch import nn
@@ -63,12 +61,6 @@ An adapter for a toy attention module, declared in a few lines:
 >>> rec.attentions[""].shape
 torch.Size([2, 1, 3, 3])
 >>> core.unregister_adapter("toy")
-
-References
-----------
-TransformerLens's hook points and architecture adapters, and diffusers' hook registry, are the
-models of this split. Erel et al., "Attention (as Discrete-Time Markov) Chains"
-:cite:`erel2025attention`.
 """
 from __future__ import annotations
 
@@ -292,12 +284,33 @@ imported: ModuleNotFoundError("No module named 'attnchain.capture.no_such_adapte
 
 
 def unregister_adapter(name: str) -> None:
-    """Remove the adapter registered as ``name`` (KeyError if there is none)."""
+    """Remove the adapter registered as ``name``.
+
+    Raises
+    ------
+    KeyError
+        No adapter is registered as ``name``.
+
+    See Also
+    --------
+    register_adapter
+    """
     del _registry[name]
 
 
 def registered_adapters() -> tuple[str, ...]:
-    """The registry keys, in the order ``capture`` tries them."""
+    """The registry keys, in the order ``capture`` tries them.
+
+    Examples
+    --------
+    >>> from attnchain.capture import core
+    >>> core.registered_adapters() == core.BUILTIN_ADAPTERS
+    True
+
+    See Also
+    --------
+    register_adapter
+    """
     return tuple(_registry)
 
 
@@ -310,6 +323,13 @@ def matching_adapters(model: Any) -> list[tuple[Adapter, nn.Module, list[Site]]]
         A registered adapter cannot be imported.
     ValueError
         No adapter handles ``model``, or those that do find no attention layer.
+
+    Examples
+    --------
+    >>> import attnchain as ac
+    >>> model, _ = ac.zoo.load("tiny-timm-vit")
+    >>> [(a.name, [s.name for s in sites]) for a, _, sites in matching_adapters(model)]
+    [('attnchain.capture.adapters.timm_vit', ['blocks.0.attn', 'blocks.1.attn'])]
     """
     found = []
     for name in list(_registry):
@@ -342,6 +362,11 @@ def available_layers(model: Any) -> list[str]:
     >>> model, _ = ac.zoo.load("tiny-timm-vit")
     >>> ac.capture.available_layers(model)
     ['blocks.0.attn', 'blocks.1.attn']
+
+    See Also
+    --------
+    attnchain.capture.capture : ``layers=`` selects among these.
+    matching_adapters : the adapters and sites behind the names.
     """
     found = matching_adapters(model)
     return _model_order(model, [s.name for _, _, sites in found for s in sites])
@@ -351,6 +376,17 @@ def install(rec: Any, model: Any) -> list[Callable[[], None]]:
     """Register every hook recorder ``rec`` needs on ``model`` and return their removers.
 
     On any error the hooks registered so far are removed (:func:`undo_all`) before it propagates.
+    Called by ``Recorder.__enter__``; the recorder's ``close`` removes the hooks again.
+
+    Raises
+    ------
+    AdapterError, ValueError
+        As :func:`matching_adapters`; ValueError also for a bad ``layers=`` or a pipeline with
+        several denoisers.
+
+    See Also
+    --------
+    undo_all, attnchain.capture.recorder.Recorder
     """
     found = matching_adapters(model)
     rec.select_layers(_model_order(model, [s.name for _, _, sites in found for s in sites]))
@@ -384,6 +420,14 @@ def undo_all(undo: list[Callable[[], None]], during: BaseException | None = None
     RuntimeError
         Some remover failed (after all were tried). With ``during`` (an exception already on its
         way) the failure is added to that exception's notes instead.
+
+    Examples
+    --------
+    >>> done = []
+    >>> undo = [lambda: done.append(1), lambda: done.append(2)]
+    >>> undo_all(undo)
+    >>> done, undo
+    ([2, 1], [])
     """
     errors = []
     while undo:
@@ -473,14 +517,35 @@ def bind_args(fn: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 def class_named(obj: Any, cls_name: str, package: str) -> bool:
     """True if ``obj`` is an instance of a class ``cls_name`` defined in ``package`` (by name,
-    through the MRO, so that ``matches`` never imports ``package``)."""
+    through the MRO, so that ``matches`` never imports ``package``).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> class MyLinear(nn.Linear):
+    ...     pass
+    >>> layer = MyLinear(1, 1)
+    >>> class_named(layer, "Linear", "torch"), class_named(layer, "Linear", "timm")
+    (True, False)
+    """
     return any(c.__name__ == cls_name and c.__module__.split(".")[0] == package
                for c in type(obj).__mro__)
 
 
 def find_denoiser(obj: Any, attr: str, cls_name: str) -> nn.Module | None:
     """``obj`` if it is a diffusers ``cls_name``, else ``obj.<attr>`` if that is one (a pipeline
-    such as ``StableDiffusionPipeline``), else None. Never imports diffusers."""
+    such as ``StableDiffusionPipeline``), else None. Never imports diffusers.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> find_denoiser(SimpleNamespace(unet=None), "unet", "UNet2DConditionModel") is None
+    True
+
+    See Also
+    --------
+    denoiser_lookup
+    """
     if "diffusers" not in sys.modules:
         return None
     if class_named(obj, cls_name, "diffusers"):

@@ -11,11 +11,7 @@ weighting, storage dtype, ``keep="qk"``) and forms the maps from queries and key
 
 through :func:`attnchain.operators.attention_probs`, with ``s`` the layer's scale and ``M`` the
 additive form of its mask (:func:`attnchain.operators.mask_to_bias`), in float32 (float64 when
-``dtype=torch.float64``).
-
-References
-----------
-Erel et al., "Attention (as Discrete-Time Markov) Chains" :cite:`erel2025attention`.
+``dtype=torch.float64``), as in Erel et al. :cite:`erel2025attention`.
 """
 from __future__ import annotations
 
@@ -121,6 +117,20 @@ class Recorder:
     records. Readers use :attr:`attentions`, :attr:`qk`, :attr:`tokens`, :attr:`layout`,
     :attr:`layer_names` and :attr:`steps`; the capture core uses :meth:`select_layers`,
     :meth:`wants`, :meth:`begin_step` and :meth:`record`.
+
+    Examples
+    --------
+    >>> import torch, attnchain as ac
+    >>> model, _ = ac.zoo.load("tiny-timm-vit")
+    >>> with torch.no_grad(), ac.capture(model, layers=0, rows="cls", cols="image") as rec:
+    ...     _ = model(torch.zeros(1, 3, 32, 32))
+    ...     _ = model(torch.ones(1, 3, 32, 32))
+    >>> rec.steps, rec["blocks.0.attn"].shape, rec.cols["blocks.0.attn"].tolist()[:3]
+    ([0, 1], torch.Size([1, 4, 1, 16]), [3, 4, 5])
+
+    See Also
+    --------
+    attnchain.capture.capture : the options and the shape contract.
     """
 
     def __init__(self, model: Any, *, layers=None, heads=None, steps=None, weighting=None,
