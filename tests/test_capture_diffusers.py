@@ -473,3 +473,22 @@ def test_flux_bad_head_is_valueerror_and_restores(flux, flux_inputs):
         with capture(flux, heads=[5]):
             _flux_out(flux, flux_inputs)
     assert _hook_count(flux) == hooks0
+
+
+def test_unet_layers_are_in_computation_order(unet, unet_inputs):
+    # a UNet registers mid_block after its up blocks; layers=-1 must still be the last layer the
+    # UNet computes (the highest-resolution up block), not the 8x8 mid block (issue 18)
+    fired = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: fired.append(n))
+             for n, m in unet.named_modules() if n.endswith("attn1")]
+    try:
+        with torch.no_grad():
+            _unet_out(unet, unet_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert available_layers(unet) == list(dict.fromkeys(fired))
+    with torch.no_grad(), capture(unet, layers=-1) as rec:
+        _unet_out(unet, unet_inputs)
+    (name,) = rec.attentions
+    assert name == fired[-1] and name.startswith("up_blocks.")

@@ -346,11 +346,15 @@ def matching_adapters(model: Any) -> list[tuple[Adapter, nn.Module, list[Site]]]
     return found
 
 
-def _model_order(model: Any, names: list[str]) -> list[str]:
-    if not isinstance(model, nn.Module):
-        return names
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(names, key=lambda n: (order.get(n, len(order)), names.index(n)))
+def _model_order(model: Any, found) -> list[str]:
+    """Layer names in the order the model computes them: each adapter's own order of its sites
+    (which may differ from module registration order: a UNet registers ``mid_block`` after its
+    up blocks), adapters placed by where their first site stands in ``model.named_modules()``."""
+    lists = [[s.name for s in sites] for _, _, sites in found if sites]
+    if len(lists) > 1 and isinstance(model, nn.Module):
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        lists.sort(key=lambda names: order.get(names[0], len(order)))
+    return [n for names in lists for n in names]
 
 
 def available_layers(model: Any) -> list[str]:
@@ -369,7 +373,7 @@ def available_layers(model: Any) -> list[str]:
     matching_adapters : the adapters and sites behind the names.
     """
     found = matching_adapters(model)
-    return _model_order(model, [s.name for _, _, sites in found for s in sites])
+    return _model_order(model, found)
 
 
 def install(rec: Any, model: Any) -> list[Callable[[], None]]:
@@ -389,7 +393,7 @@ def install(rec: Any, model: Any) -> list[Callable[[], None]]:
     undo_all, attnchain.capture.recorder.Recorder
     """
     found = matching_adapters(model)
-    rec.select_layers(_model_order(model, [s.name for _, _, sites in found for s in sites]))
+    rec.select_layers(_model_order(model, found))
     rec.adapters = [a.name.rsplit(".", 1)[-1] for a, _, _ in found]
     undo: list[Callable[[], None]] = []
     try:

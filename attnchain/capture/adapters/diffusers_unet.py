@@ -41,10 +41,22 @@ def _chunk(n: int, i: int):
     return lambda output: output.chunk(n, dim=-1)[i]
 
 
+_STAGES = ("down_blocks", "mid_block", "up_blocks")  # the order a UNet computes its blocks in
+
+
+def _computation_order(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` sorted by stage: down blocks, mid block, up blocks (a UNet registers
+    ``mid_block`` after its up blocks)."""
+    named = list(unet.named_modules())
+    rank = {s: i for i, s in enumerate(_STAGES)}
+    return sorted(named, key=lambda nm: rank.get(nm[0].split(".")[0], -1))
+
+
 def sites(unet: nn.Module) -> list[Site]:
-    """Every ``attn1``, in module order; ``info`` = the enclosing ``Transformer2DModel``'s name."""
+    """Every ``attn1``, in the order the UNet computes them (down, mid, up); ``info`` = the
+    enclosing ``Transformer2DModel``'s name."""
     out = []
-    for name, attn in unet.named_modules():
+    for name, attn in _computation_order(unet):
         if name.rsplit(".", 1)[-1] != "attn1" or not hasattr(attn, "to_q") \
                 or not hasattr(attn, "heads"):
             continue
