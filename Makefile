@@ -21,11 +21,11 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 # Per-checkout cache of long evaluations (chapter 7), so a fresh clone computes everything anew.
 export ATTNCHAIN_CACHE ?= $(CURDIR)/_build/cache
 
-.PHONY: book test setup sources unit chapters html browser clean
+.PHONY: book test setup sources unit strict minimums chapters html browser clean
 
 book: setup chapters html
 
-test: setup unit chapters html browser
+test: setup unit strict minimums chapters html browser
 
 setup: $(VENV)/.installed $(SRC)/_vendor/mathjax/tex-chtml.js
 
@@ -55,7 +55,25 @@ sources:
 	cp -r _config.yml _toc.yml book notebooks $(SRC)/
 
 unit: setup
-	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_book.py
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_book.py \
+	  --ignore=tests/test_chapters_strict_cuda.py --doctest-modules attnchain
+
+# Every chapter in the full profile on a simulated Colab GPU (attnchain.testing.strict_cuda):
+# random-weight stand-ins of the paper's backbones, CUDA's device rules enforced on the CPU.
+strict: setup
+	$(PY) -m pytest -q -s --durations=0 tests/test_chapters_strict_cuda.py
+
+# The capture adapters at the lowest versions pyproject.toml admits for timm, transformers and
+# diffusers: a second environment that takes everything else from .venv.
+minimums: setup
+	rm -rf $(VENV)-min && $(PYTHON) -m venv $(VENV)-min
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(VENV)-min/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/base.pth"
+	$(VENV)-min/bin/pip install -q $$($(PY) -c "import tomllib, re; \
+	  deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+	  print(' '.join(re.sub('>=', '==', d) for d in deps if d.split('>')[0] in ('timm', 'transformers', 'diffusers')))")
+	PYTHONPATH=$(CURDIR) $(VENV)-min/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/test_capture.py tests/test_capture_diffusers.py tests/test_strict_cuda.py
 
 chapters: setup sources
 	$(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
