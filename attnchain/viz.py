@@ -1,9 +1,10 @@
 """Figures and explorers for the book: matrices, spectra, bounce strips, overlays, widgets.
 
-Everything here draws; the Markov-chain math lives in :mod:`attnchain.chain` (including the
-example chains :func:`~attnchain.chain.planted_chain`, :func:`~attnchain.chain.bipartite_chain`
-and attention :func:`~attnchain.chain.rollout`) and :mod:`attnchain.spectral` (including
-:func:`~attnchain.spectral.choose_bounces`).
+Everything here draws; the Markov-chain math lives in the package's top-level API
+(:func:`attnchain.bounce`, :func:`attnchain.planted_chain`, :func:`attnchain.rollout`,
+:func:`attnchain.head_mean`, :func:`attnchain.choose_bounces`, ...). Every function accepts
+tensors on any device (and arrays) and converts them to NumPy itself (:func:`to_numpy`), so a
+chapter hands its tensors to the plots as they are.
 
 Static mode
 -----------
@@ -25,7 +26,6 @@ from torch import Tensor
 __all__ = [
     "is_static",
     "tag",
-    "mask_to_grid",
     "to_numpy",
     "show_matrix",
     "spectrum",
@@ -74,17 +74,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-# --------------------------------------------------------------------------------------------
-# image-grid helpers
-# --------------------------------------------------------------------------------------------
-def mask_to_grid(mask, grid: tuple[int, int]) -> Tensor:
-    """Area-average an ``(H, W)`` boolean/0-1 mask onto a patch grid: ``(h, w)`` fractions."""
-    m = torch.as_tensor(to_numpy(mask)).to(torch.float64)
-    if m.ndim != 2:
-        raise ValueError(f"mask_to_grid: expected an (H, W) mask, got shape {tuple(m.shape)}")
-    return torch.nn.functional.adaptive_avg_pool2d(m[None, None], tuple(int(g) for g in grid))[0, 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +430,10 @@ def explorer(draw: Callable[..., object], controls: Mapping[str, object],
     return widgets.interactive(_show, **ws)
 
 
+#: How the explorer names the head weightings of :func:`attnchain.head_mean`.
+_WEIGHTING_LABELS = {"uniform": "uniform mean", "lambda2": "λ2-weighted mean"}
+
+
 def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, prefix: int = 0,
                        positions: Sequence[int] | None = None, tokens: Sequence[str] | None = None, title: str = "",
                        defaults: Mapping[str, object] | None = None, static: bool | None = None,
@@ -456,7 +449,8 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
         before the patches; maps are drawn over the image. ``positions`` (e.g.
         ``rec.layout.image``) lists the patch tokens explicitly and overrides ``prefix``. Without a grid, text ``tokens`` are
         drawn with :func:`token_heat`.
-    defaults : initial values for ``layer``, ``head``, ``n``, ``start``, ``direction``.
+    defaults : initial values for ``layer``, ``head`` (a head index, ``"uniform"`` or
+        ``"lambda2"``), ``n``, ``start``, ``direction``.
 
     Returns
     -------
@@ -464,11 +458,11 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
 
     Notes
     -----
-    ``head`` offers each head and ``"mean"`` (uniform head mean) and ``"λ2-mean"``
-    (:func:`attnchain.weighted_head_mean`). The panel shows the matrix and ``v_n`` from
+    ``head`` offers each head and the two head weightings of :func:`attnchain.head_mean`,
+    ``"uniform"`` and ``"lambda2"``. The panel shows the matrix and ``v_n`` from
     :func:`attnchain.bounce`.
     """
-    from . import chain, spectral  # imported lazily: viz is importable on its own
+    import attnchain as ac  # imported lazily: viz is importable on its own
 
     plt = _plt()
     mats = {}
@@ -484,8 +478,7 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
     first = next(iter(mats.values()))
     h, n_tok = first.shape[0], first.shape[-1]
     head_choices = {f"head {i}": i for i in range(h)}
-    head_choices["mean"] = "mean"
-    head_choices["λ2-mean"] = "l2mean"
+    head_choices.update({label: w for w, label in _WEIGHTING_LABELS.items()})
     controls = {
         "layer": list(mats),
         "head": head_choices,
@@ -496,16 +489,14 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
 
     def _matrix(layer, head):
         a = mats[layer]
-        if head == "mean":
-            return a.mean(0)
-        if head == "l2mean":
-            return spectral.weighted_head_mean(a, head_dim=0)
+        if head in _WEIGHTING_LABELS:
+            return ac.head_mean(a, head, head_dim=0)
         return a[head]
 
     def draw(layer, head, n, start, direction):
         a = _matrix(layer, head)
-        v = chain.bounce(a, int(start), int(n), direction=direction)[-1]
-        name = {"mean": "mean", "l2mean": "λ2-mean"}.get(head, f"head {head}")
+        v = ac.bounce(a, int(start), int(n), direction=direction)[-1]
+        name = _WEIGHTING_LABELS.get(head, f"head {head}")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 1.3]})
         show_matrix(a, ax=axes[0], title=f"{layer}, {name}")
         axes[0].axhline(int(start), color="c", lw=0.8)

@@ -49,6 +49,8 @@ __all__ = [
     "colour_contrast",
     "centre_prior",
     "patch_foreground",
+    "mask_to_grid",
+    "patch_objects",
 ]
 
 IMAGE_SIZE = 64
@@ -440,3 +442,84 @@ def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch
     lead = fg.shape[:-2]
     fg = fg.reshape(*lead, h // patch_size, patch_size, w // patch_size, patch_size)
     return fg.mean(dim=(-3, -1))
+
+
+def mask_to_grid(mask, grid) -> torch.Tensor:
+    """Area-average ``(..., H, W)`` boolean / 0-1 masks onto a patch grid: ``(..., h, w)`` fractions.
+
+    Parameters
+    ----------
+    mask : Tensor or array_like, shape (..., H, W)
+        Masks (any device); True / 1 = inside.
+    grid : (int, int)
+        The patch grid ``(h, w)``; it need not divide ``(H, W)``
+        (:func:`torch.nn.functional.adaptive_avg_pool2d`).
+
+    Returns
+    -------
+    Tensor, shape (..., h, w)
+        float64 fraction of each patch inside the mask, on the mask's device.
+
+    Raises
+    ------
+    ValueError
+        A mask with fewer than two dimensions.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = torch.zeros(4, 4, dtype=torch.bool)
+    >>> m[:2, :1] = True
+    >>> mask_to_grid(m, (2, 2))
+    tensor([[0.5000, 0.0000],
+            [0.0000, 0.0000]], dtype=torch.float64)
+
+    See Also
+    --------
+    patch_foreground, patch_objects
+    """
+    m = mask.detach() if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    m = m.to(torch.float64)
+    if m.ndim < 2:
+        raise ValueError(f"mask_to_grid: expected (..., H, W) masks, got shape {tuple(m.shape)}")
+    lead = m.shape[:-2]
+    flat = m.reshape(-1, 1, *m.shape[-2:])
+    out = torch.nn.functional.adaptive_avg_pool2d(flat, tuple(int(g) for g in grid))
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """Object id of each patch: the instance covering more than half of its pixels, else 0.
+
+    Parameters
+    ----------
+    masks : LongTensor, shape (B, H, W)
+        Instance ids, 0 = background.
+    patch_size : int
+        Patch side in pixels.
+
+    Returns
+    -------
+    LongTensor, shape (B, H / patch_size, W / patch_size)
+        On the masks' device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :2, :2] = 1
+    >>> masks[0, 2:, 2:3] = 2          # half of a patch: not more than half
+    >>> patch_objects(masks, 2)
+    tensor([[[1, 0],
+             [0, 0]]])
+
+    See Also
+    --------
+    patch_foreground, mask_to_grid
+    """
+    k = int(masks.max()) + 1
+    oh = torch.nn.functional.one_hot(masks, k).float().permute(0, 3, 1, 2)  # (B, k, H, W)
+    frac = torch.nn.functional.avg_pool2d(oh, patch_size)  # (B, k, r, c)
+    frac[:, 0] = 0.0
+    val, idx = frac.max(1)
+    return torch.where(val > 0.5, idx, torch.zeros_like(idx))
