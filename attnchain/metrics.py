@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import adjusted_rand_score, average_precision_score, roc_auc_score
 
 __all__ = [
     "pixel_accuracy",
     "iou",
     "matched_miou",
+    "adjusted_rand",
     "average_precision",
     "auc",
     "ranking_metrics",
@@ -170,6 +171,34 @@ def matched_miou(pred, target, ignore_background: bool = False, return_matching:
             match[int(sc_ids[r])] = int(p_ids[c])
         return miou, match
     return miou
+
+
+def adjusted_rand(labels_true, labels_pred) -> float:
+    """Adjusted Rand index of two labellings (:func:`sklearn.metrics.adjusted_rand_score`).
+
+    Parameters
+    ----------
+    labels_true, labels_pred : array_like or Tensor of int, shape (n,)
+        Cluster labels (any device); their values carry no meaning, only the grouping.
+
+    Returns
+    -------
+    float
+        1 for identical groupings, about 0 for independent ones (it can be negative).
+
+    Examples
+    --------
+    >>> import torch
+    >>> adjusted_rand(torch.tensor([0, 0, 1, 1]), torch.tensor([5, 5, 2, 2]))
+    1.0
+
+    See Also
+    --------
+    matched_miou
+    """
+    a, b = _np(labels_true, "labels_true").ravel(), _np(labels_pred, "labels_pred").ravel()
+    _same_shape(a, b, "labels_true", "labels_pred")
+    return float(adjusted_rand_score(a, b))
 
 
 def _check_binary(y: np.ndarray) -> np.ndarray:

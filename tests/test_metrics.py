@@ -185,3 +185,14 @@ def test_object_iou_against_pixel_iou():
     two = torch.cat([masks, torch.zeros_like(masks)])  # the second image has no object
     out = metrics.object_iou(states.expand(2, 2, 2), two)
     assert out[0] == pytest.approx(0.75) and np.isnan(out[1])
+
+
+def test_adjusted_rand_is_sklearns():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 3, 40), rng.integers(0, 4, 40)
+    assert metrics.adjusted_rand(torch.tensor(a), torch.tensor(b)) == adjusted_rand_score(a, b)
+    assert metrics.adjusted_rand([0, 0, 1], [2, 2, 7]) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        metrics.adjusted_rand([0, 1], [0, 1, 1])
