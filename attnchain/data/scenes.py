@@ -301,6 +301,10 @@ def generate(n: int, seed: int, level: str = "easy", size: int = IMAGE_SIZE) -> 
     >>> s = generate(4, seed=0, level="easy")
     >>> s.images.shape, s.masks.shape, s.labels.shape
     (torch.Size([4, 3, 64, 64]), torch.Size([4, 64, 64]), torch.Size([4, 3]))
+
+    See Also
+    --------
+    benchmark, SceneDataset
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -336,6 +340,16 @@ def benchmark(level: str = "easy", n: int = BENCHMARK_SIZE, size: int = IMAGE_SI
     """The held-out benchmark split: ``generate(n, BENCHMARK_SEED, level, size)``.
 
     Never train on ``BENCHMARK_SEED``. ``n`` below ``BENCHMARK_SIZE`` gives a prefix of the split.
+
+    Examples
+    --------
+    >>> s = benchmark("hard", n=2)
+    >>> s.seed == BENCHMARK_SEED, s.levels
+    (True, ('hard', 'hard'))
+
+    See Also
+    --------
+    generate
     """
     return generate(n, BENCHMARK_SEED, level, size)
 
@@ -406,6 +420,16 @@ def colour_contrast(images: torch.Tensor, border: int = 2) -> torch.Tensor:
     -----
     The classic background prior of salient-object detection: the frame is assumed to be
     background. It is the baseline that any attention-based foreground map should beat.
+
+    Examples
+    --------
+    >>> m = colour_contrast(generate(2, seed=0).images)
+    >>> m.shape, bool(m.max() <= 1)
+    (torch.Size([2, 64, 64]), True)
+
+    See Also
+    --------
+    centre_prior, patch_foreground
     """
     if images.ndim < 3 or images.shape[-3] != 3:
         raise ValueError(f"images must have shape (..., 3, H, W), got {tuple(images.shape)}")
@@ -422,7 +446,18 @@ def colour_contrast(images: torch.Tensor, border: int = 2) -> torch.Tensor:
 
 
 def centre_prior(n: int, size: int = IMAGE_SIZE, sigma: float = 0.25) -> torch.Tensor:
-    """Centre prior ``exp(-||p - c||^2 / (2 (sigma * size)^2))``, shape ``(n, size, size)``."""
+    """Centre prior ``exp(-||p - c||^2 / (2 (sigma * size)^2))``, shape ``(n, size, size)``.
+
+    Examples
+    --------
+    >>> c = centre_prior(1, size=4)
+    >>> c.shape, bool(c[0, 1, 1] > c[0, 0, 0])
+    (torch.Size([1, 4, 4]), True)
+
+    See Also
+    --------
+    colour_contrast
+    """
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     c = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2) / (sigma * size)
@@ -434,6 +469,19 @@ def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch
     """Fraction of object pixels in each patch: ``(..., H, W)`` masks -> ``(..., H/p, W/p)``.
 
     This is the ground truth on the token grid (the best any patch-level map can do).
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :2, :1] = 1
+    >>> patch_foreground(masks, 2)
+    tensor([[[0.5000, 0.0000],
+             [0.0000, 0.0000]]])
+
+    See Also
+    --------
+    mask_to_grid, patch_objects
     """
     h, w = masks.shape[-2:]
     if h % patch_size or w % patch_size:
