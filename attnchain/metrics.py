@@ -1,25 +1,35 @@
-"""Segmentation and ranking metrics: pixel accuracy, IoU, matched mIoU, AP, AUC, paired bootstrap.
+"""Segmentation and ranking metrics: pixel accuracy, IoU, matched mIoU, AP, AUC, bootstrap CIs.
 
 Reference implementations come from the ecosystem: average precision and ROC AUC from
 scikit-learn, the optimal one-to-one matching of unlabelled segments from SciPy's Hungarian
 solver. :func:`ranking_metrics` is a batched torch version of average precision (and of the IoU at
 the best threshold) for evaluating thousands of maps at once; it is tested against scikit-learn.
+:func:`foreground_scores` and :func:`object_iou` score batches of maps against masks.
+
+This module is the boundary to NumPy: every function accepts tensors on any device. The batched
+torch metrics compute on the input's device; results that leave as NumPy arrays or floats are
+moved with ``.detach().cpu()`` here and nowhere else.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import adjusted_rand_score, average_precision_score, roc_auc_score
 
 __all__ = [
     "pixel_accuracy",
     "iou",
     "matched_miou",
+    "adjusted_rand",
     "average_precision",
     "auc",
     "ranking_metrics",
     "otsu_threshold",
+    "foreground_scores",
+    "object_iou",
+    "bootstrap_ci",
     "paired_bootstrap_ci",
 ]
 
@@ -50,6 +60,15 @@ def pixel_accuracy(pred, target) -> float:
     -------
     float
         :math:`\frac{1}{|P|}\sum_p [\hat y_p = y_p]`.
+
+    Examples
+    --------
+    >>> pixel_accuracy([[0, 1], [1, 1]], [[0, 1], [0, 1]])
+    0.75
+
+    See Also
+    --------
+    iou, matched_miou
     """
     p, t = _np(pred, "pred"), _np(target, "target")
     _same_shape(p, t, "pred", "target")
@@ -68,6 +87,15 @@ def iou(pred, target) -> float:
     -------
     float
         :math:`|P \cap T| / |P \cup T|`; 1.0 when both masks are empty (perfect agreement).
+
+    Examples
+    --------
+    >>> iou([[1, 1], [0, 0]], [[1, 0], [0, 0]])
+    0.5
+
+    See Also
+    --------
+    matched_miou, object_iou
     """
     p, t = _np(pred, "pred") != 0, _np(target, "target") != 0
     _same_shape(p, t, "pred", "target")
@@ -99,6 +127,15 @@ def matched_miou(pred, target, ignore_background: bool = False, return_matching:
         segments left unmatched (more targets than predictions) score 0.
     matching : dict, optional
         Only if ``return_matching``.
+
+    Examples
+    --------
+    >>> matched_miou([[5, 5], [7, 7]], [[0, 0], [1, 1]])   # ids differ, segments agree
+    1.0
+
+    See Also
+    --------
+    iou, object_iou
 
     Notes
     -----
@@ -136,6 +173,34 @@ def matched_miou(pred, target, ignore_background: bool = False, return_matching:
     return miou
 
 
+def adjusted_rand(labels_true, labels_pred) -> float:
+    """Adjusted Rand index of two labellings (:func:`sklearn.metrics.adjusted_rand_score`).
+
+    Parameters
+    ----------
+    labels_true, labels_pred : array_like or Tensor of int, shape (n,)
+        Cluster labels (any device); their values carry no meaning, only the grouping.
+
+    Returns
+    -------
+    float
+        1 for identical groupings, about 0 for independent ones (it can be negative).
+
+    Examples
+    --------
+    >>> import torch
+    >>> adjusted_rand(torch.tensor([0, 0, 1, 1]), torch.tensor([5, 5, 2, 2]))
+    1.0
+
+    See Also
+    --------
+    matched_miou
+    """
+    a, b = _np(labels_true, "labels_true").ravel(), _np(labels_pred, "labels_pred").ravel()
+    _same_shape(a, b, "labels_true", "labels_pred")
+    return float(adjusted_rand_score(a, b))
+
+
 def _check_binary(y: np.ndarray) -> np.ndarray:
     if not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be binary (0/1 or bool)")
@@ -157,6 +222,15 @@ def average_precision(scores, labels) -> float:
     float
         :math:`\mathrm{AP} = \sum_k (R_k - R_{k-1}) P_k` over the distinct score thresholds
         (:func:`sklearn.metrics.average_precision_score`). NaN if there is no positive.
+
+    Examples
+    --------
+    >>> average_precision([0.9, 0.8, 0.1], [1, 0, 1])
+    0.8333333333333333
+
+    See Also
+    --------
+    ranking_metrics : the batched torch version.
     """
     s, y = _np(scores, "scores"), _np(labels, "labels")
     _same_shape(s, y, "scores", "labels")
@@ -178,6 +252,15 @@ def auc(scores, labels) -> float:
     Returns
     -------
     float
+
+    Examples
+    --------
+    >>> auc([0.9, 0.8, 0.1], [1, 0, 1])
+    0.5
+
+    See Also
+    --------
+    average_precision
     """
     s, y = _np(scores, "scores"), _np(labels, "labels")
     _same_shape(s, y, "scores", "labels")
@@ -206,6 +289,17 @@ def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor):
     best_iou : Tensor, shape (...,)
         :math:`\max_\tau |\{s \ge \tau\} \cap T| / |\{s \ge \tau\} \cup T|` over the distinct
         thresholds (an oracle threshold per map: an upper bound for any thresholding rule).
+
+    Examples
+    --------
+    >>> import torch
+    >>> ap, best = ranking_metrics(torch.tensor([[0.9, 0.8, 0.1]]), torch.tensor([[True, False, True]]))
+    >>> round(float(ap[0]), 4), round(float(best[0]), 4)
+    (0.8333, 0.6667)
+
+    See Also
+    --------
+    average_precision, foreground_scores
 
     Notes
     -----
@@ -263,6 +357,17 @@ def otsu_threshold(scores: torch.Tensor, bins: int = 64) -> torch.Tensor:
         Threshold ``tau`` per row (a bin edge); the foreground is ``scores > tau``. A constant row
         gets its value (empty foreground).
 
+    Examples
+    --------
+    >>> import torch
+    >>> tau = otsu_threshold(torch.tensor([[0.0, 0.1, 0.0, 0.9, 1.0, 0.95]]))
+    >>> bool(0.1 < tau[0] < 0.9)
+    True
+
+    See Also
+    --------
+    foreground_scores
+
     Notes
     -----
     Otsu (1979) picks the bin edge maximising the between-class variance
@@ -296,6 +401,160 @@ def otsu_threshold(scores: torch.Tensor, bins: int = 64) -> torch.Tensor:
     return tau[..., 0].to(scores.dtype if scores.is_floating_point() else torch.float64)
 
 
+def foreground_scores(pixel_maps: torch.Tensor, foreground: torch.Tensor,
+                      binary: bool = False) -> dict:
+    r"""Per-map ``ap``, ``iou_best`` and ``iou_otsu`` of pixel maps against foreground masks.
+
+    Parameters
+    ----------
+    pixel_maps : Tensor, shape (B, H, W)
+        One saliency map per image, higher = more likely foreground (any device).
+    foreground : Tensor of bool, shape (B, H, W)
+        The true foreground.
+    binary : bool
+        The maps are already masks: ``iou_otsu`` thresholds them at 0.5 instead of at their Otsu
+        threshold.
+
+    Returns
+    -------
+    dict of ndarray, shape (B,)
+        ``ap``: average precision (:func:`ranking_metrics`); ``iou_best``: the IoU at the best
+        threshold of each map (an oracle); ``iou_otsu``: the IoU of ``map > tau`` with ``tau``
+        from :func:`otsu_threshold` (1.0 when prediction and truth are both empty).
+
+    Examples
+    --------
+    >>> import torch
+    >>> fg = torch.tensor([[[True, False], [False, False]]])
+    >>> s = foreground_scores(torch.tensor([[[0.9, 0.1], [0.2, 0.0]]]), fg)
+    >>> float(s["ap"][0]), float(s["iou_best"][0]), float(s["iou_otsu"][0])
+    (1.0, 1.0, 1.0)
+
+    See Also
+    --------
+    ranking_metrics, otsu_threshold, object_iou
+    """
+    s = pixel_maps.flatten(1)
+    y = foreground.flatten(1).bool().to(s.device)
+    ap, best = ranking_metrics(s, y)
+    if binary:
+        tau = torch.full((s.shape[0],), 0.5, device=s.device)
+    else:
+        tau = otsu_threshold(s)
+    pred = s > tau[:, None].to(s.dtype)
+    inter = (pred & y).sum(-1).double()
+    union = (pred | y).sum(-1).double()
+    iou_o = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return {k: v.detach().cpu().numpy() for k, v in
+            (("ap", ap), ("iou_best", best), ("iou_otsu", iou_o))}
+
+
+def object_iou(states: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+    r"""Mean over objects of the IoU of the best-matching segment with each object.
+
+    Parameters
+    ----------
+    states : LongTensor, shape (B, r, c)
+        A segment (e.g. metastable state) id for each patch.
+    masks : LongTensor, shape (B, H, W)
+        Instance ids, 0 = background.
+
+    Returns
+    -------
+    ndarray, shape (B,)
+        :math:`\frac{1}{K}\sum_{o=1}^{K} \max_s \mathrm{IoU}(\{p: s(p) = s\}, o)` over the
+        :math:`K` objects present, with the segments upsampled to pixels by nearest neighbour;
+        NaN for an image without objects.
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :2, :2] = 1
+    >>> object_iou(torch.tensor([[[1, 0], [0, 0]]]), masks)
+    array([1.])
+
+    See Also
+    --------
+    matched_miou : one-to-one matching instead of the best segment per object.
+    """
+    H, W = masks.shape[-2:]
+    st = F.interpolate(states[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()
+    k = int(st.max()) + 1
+    n_obj = int(masks.max())
+    S = F.one_hot(st.flatten(1), k).double()  # (B, P, k)
+    O = F.one_hot(masks.to(st.device).flatten(1), n_obj + 1)[..., 1:].double()  # (B, P, n_obj)
+    inter = S.transpose(1, 2) @ O  # (B, k, n_obj)
+    union = S.sum(1)[:, :, None] + O.sum(1)[:, None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    best = iou.amax(1)  # (B, n_obj)
+    present = O.sum(1) > 0
+    cnt = present.sum(1)
+    out = (best * present).sum(1) / cnt.clamp_min(1)
+    out = torch.where(cnt > 0, out, torch.full_like(out, float("nan")))
+    return out.detach().cpu().numpy()
+
+
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+
+
+def bootstrap_ci(x, n_boot: int = 10000, level: float = 0.95, seed: int = 0):
+    r"""Percentile bootstrap confidence interval of a mean.
+
+    Parameters
+    ----------
+    x : array_like or Tensor, shape (n,)
+        Measurements (e.g. per-scene AP of one method), finite.
+    n_boot : int
+        Number of bootstrap resamples.
+    level : float in (0, 1)
+        Confidence level.
+    seed : int
+        Seed of :func:`numpy.random.default_rng`; the result is deterministic.
+
+    Returns
+    -------
+    mean : float
+        :math:`\bar x = \frac1n \sum_i x_i`.
+    low, high : float
+        The :math:`(1-\mathrm{level})/2` and :math:`(1+\mathrm{level})/2` quantiles of the means
+        :math:`\bar x^*` of ``n_boot`` resamples of ``x`` with replacement.
+
+    Raises
+    ------
+    ValueError
+        Empty or non-finite ``x``, ``level`` outside (0, 1), ``n_boot < 1``.
+
+    Examples
+    --------
+    >>> mean, low, high = bootstrap_ci([0.2, 0.4, 0.6, 0.8], n_boot=2000, seed=0)
+    >>> round(mean, 3), low < mean < high
+    (0.5, True)
+
+    See Also
+    --------
+    paired_bootstrap_ci
+
+    References
+    ----------
+    .. [1] B. Efron, R. Tibshirani, "An Introduction to the Bootstrap", Chapman & Hall, 1993.
+    """
+    x = _np(x, "x").astype(np.float64).ravel()
+    _check_bootstrap(n_boot, level)
+    if not np.isfinite(x).all():
+        raise ValueError("x must be finite")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    means = x[idx].mean(1)
+    q = (1 - level) / 2
+    low, high = np.quantile(means, [q, 1 - q])
+    return float(x.mean()), float(low), float(high)
+
+
 def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: int = 0):
     r"""Percentile bootstrap confidence interval of the mean paired difference ``mean(a - b)``.
 
@@ -316,7 +575,23 @@ def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: in
         :math:`\bar d = \frac1n \sum_i (a_i - b_i)`.
     low, high : float
         The :math:`(1-\mathrm{level})/2` and :math:`(1+\mathrm{level})/2` quantiles of the
-        bootstrap means :math:`\bar d^*` (resampling scenes with replacement, keeping pairs).
+        bootstrap means :math:`\bar d^*` (resampling scenes with replacement, keeping pairs):
+        :func:`bootstrap_ci` of the differences.
+
+    Raises
+    ------
+    ValueError
+        Shapes differ, non-finite differences, ``level`` outside (0, 1), ``n_boot < 1``.
+
+    Examples
+    --------
+    >>> mean, low, high = paired_bootstrap_ci([0.9, 0.8, 0.7], [0.5, 0.6, 0.5], seed=0)
+    >>> round(mean, 3), low > 0
+    (0.267, True)
+
+    See Also
+    --------
+    bootstrap_ci
 
     References
     ----------
@@ -324,16 +599,8 @@ def paired_bootstrap_ci(a, b, n_boot: int = 10000, level: float = 0.95, seed: in
     """
     a, b = _np(a, "a").astype(np.float64).ravel(), _np(b, "b").astype(np.float64).ravel()
     _same_shape(a, b, "a", "b")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be positive, got {n_boot}")
+    _check_bootstrap(n_boot, level)
     d = a - b
     if not np.isfinite(d).all():
         raise ValueError("a and b must be finite")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    means = d[idx].mean(1)
-    q = (1 - level) / 2
-    low, high = np.quantile(means, [q, 1 - q])
-    return float(d.mean()), float(low), float(high)
+    return bootstrap_ci(d, n_boot=n_boot, level=level, seed=seed)

@@ -1,9 +1,10 @@
 """Figures and explorers for the book: matrices, spectra, bounce strips, overlays, widgets.
 
-Everything here draws; the Markov-chain math lives in :mod:`attnchain.chain` (including the
-example chains :func:`~attnchain.chain.planted_chain`, :func:`~attnchain.chain.bipartite_chain`
-and attention :func:`~attnchain.chain.rollout`) and :mod:`attnchain.spectral` (including
-:func:`~attnchain.spectral.choose_bounces`).
+Everything here draws; the Markov-chain math lives in the package's top-level API
+(:func:`attnchain.bounce`, :func:`attnchain.planted_chain`, :func:`attnchain.rollout`,
+:func:`attnchain.head_mean`, :func:`attnchain.choose_bounces`, ...). Every function accepts
+tensors on any device (and arrays) and converts them to NumPy itself (:func:`to_numpy`), so a
+chapter hands its tensors to the plots as they are.
 
 Static mode
 -----------
@@ -25,7 +26,6 @@ from torch import Tensor
 __all__ = [
     "is_static",
     "tag",
-    "mask_to_grid",
     "to_numpy",
     "show_matrix",
     "spectrum",
@@ -45,7 +45,17 @@ __all__ = [
 # small utilities
 # --------------------------------------------------------------------------------------------
 def is_static() -> bool:
-    """True when explorers must draw static figures (``ATTNCHAIN_STATIC=1``, or no ipywidgets)."""
+    """True when explorers must draw static figures (``ATTNCHAIN_STATIC=1``, or no ipywidgets).
+
+    Examples
+    --------
+    >>> isinstance(is_static(), bool)   # True in the test suite and the book build
+    True
+
+    See Also
+    --------
+    explorer, attention_explorer
+    """
     if os.environ.get("ATTNCHAIN_STATIC", "").strip().lower() in {"1", "true", "yes", "on"}:
         return True
     try:  # pragma: no cover - exercised only where ipywidgets is missing
@@ -56,12 +66,33 @@ def is_static() -> bool:
 
 
 def tag(profile: str, model: str) -> str:
-    """The provenance tag every figure title carries, e.g. ``"offline · scene-vit"``."""
+    """The provenance tag every figure title carries, e.g. ``"offline · scene-vit"``.
+
+    Examples
+    --------
+    >>> tag("offline", "scene-vit")
+    'offline · scene-vit'
+
+    See Also
+    --------
+    attnchain.zoo.profile
+    """
     return f"{profile} · {model}"
 
 
 def to_numpy(x) -> np.ndarray:
-    """Detach a tensor (any device/dtype) or array-like to a float64 NumPy array."""
+    """Detach a tensor (any device/dtype) or array-like to a float64 NumPy array.
+
+    Examples
+    --------
+    >>> import torch
+    >>> to_numpy(torch.tensor([1, 2], dtype=torch.int32))
+    array([1., 2.])
+
+    See Also
+    --------
+    patch_map
+    """
     if isinstance(x, Tensor):
         x = x.detach().to("cpu")
         if x.is_complex():
@@ -77,17 +108,6 @@ def _plt():
 
 
 # --------------------------------------------------------------------------------------------
-# image-grid helpers
-# --------------------------------------------------------------------------------------------
-def mask_to_grid(mask, grid: tuple[int, int]) -> Tensor:
-    """Area-average an ``(H, W)`` boolean/0-1 mask onto a patch grid: ``(h, w)`` fractions."""
-    m = torch.as_tensor(to_numpy(mask)).to(torch.float64)
-    if m.ndim != 2:
-        raise ValueError(f"mask_to_grid: expected an (H, W) mask, got shape {tuple(m.shape)}")
-    return torch.nn.functional.adaptive_avg_pool2d(m[None, None], tuple(int(g) for g in grid))[0, 0]
-
-
-# --------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------
 def show_matrix(A, ax=None, title: str | None = None, boundaries: Sequence[int] | None = None,
@@ -96,6 +116,17 @@ def show_matrix(A, ax=None, title: str | None = None, boundaries: Sequence[int] 
 
     ``boundaries`` draws block separators after those indices; ``labels`` names the tokens.
     Returns the axes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ax = show_matrix(torch.eye(3), title="identity chain")
+    >>> ax.get_title()
+    'identity chain'
+
+    See Also
+    --------
+    spectrum, lambda2_heatmap
     """
     plt = _plt()
     m = to_numpy(A)
@@ -121,7 +152,19 @@ def show_matrix(A, ax=None, title: str | None = None, boundaries: Sequence[int] 
 
 
 def spectrum(eigs, ax=None, title: str | None = None, highlight: int = 0):
-    """Eigenvalues in the complex plane with the unit circle; the first ``highlight`` are marked."""
+    """Eigenvalues in the complex plane with the unit circle; the first ``highlight`` are marked.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ax = spectrum(torch.tensor([1.0, -0.5, 0.2]), highlight=1)
+    >>> len(ax.collections)
+    2
+
+    See Also
+    --------
+    attnchain.eigenvalues, show_matrix
+    """
     plt = _plt()
     e = to_numpy(eigs).astype(np.complex128).ravel()
     if ax is None:
@@ -167,6 +210,17 @@ def patch_map(v, grid: tuple[int, int], prefix: int = 0) -> np.ndarray:
     """Turn a per-token vector into an ``(h, w)`` patch map.
 
     ``v`` has ``prefix + h * w`` entries (CLS/register tokens first) or exactly ``h * w``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> patch_map(torch.arange(5.0), (2, 2), prefix=1)
+    array([[1., 2.],
+           [3., 4.]])
+
+    See Also
+    --------
+    overlay, show_labels
     """
     x = to_numpy(v).ravel()
     h, w = int(grid[0]), int(grid[1])
@@ -179,7 +233,19 @@ def patch_map(v, grid: tuple[int, int], prefix: int = 0) -> np.ndarray:
 
 def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno",
             title: str | None = None, normalize: bool = True):
-    """Draw an ``(h, w)`` map, upsampled (bilinear) over an image when one is given."""
+    """Draw an ``(h, w)`` map, upsampled (bilinear) over an image when one is given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ax = overlay(np.eye(2), np.zeros((8, 8, 3)), title="map")
+    >>> ax.images[-1].get_array().shape
+    (8, 8)
+
+    See Also
+    --------
+    patch_map, show_labels
+    """
     plt = _plt()
     hm = to_numpy(heat)
     if hm.ndim != 2:
@@ -207,14 +273,36 @@ def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno
 
 
 def label_colors(k: int) -> np.ndarray:
-    """``k`` distinct RGB colours (seaborn's husl palette) for label maps."""
+    """``k`` distinct RGB colours (seaborn's husl palette) for label maps.
+
+    Examples
+    --------
+    >>> label_colors(3).shape
+    (3, 3)
+
+    See Also
+    --------
+    show_labels, token_heat
+    """
     import seaborn as sns
 
     return np.asarray(sns.color_palette("husl", max(int(k), 1)))
 
 
 def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | None = None):
-    """Draw an ``(h, w)`` integer label map (e.g. metastable states), over an image if given."""
+    """Draw an ``(h, w)`` integer label map (e.g. metastable states), over an image if given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ax = show_labels(np.array([[0, 1], [1, 0]]))
+    >>> ax.images[-1].get_array().shape
+    (2, 2, 3)
+
+    See Also
+    --------
+    label_colors, overlay
+    """
     plt = _plt()
     lab = to_numpy(labels).astype(np.int64)
     if lab.ndim != 2:
@@ -260,6 +348,18 @@ def bounce_strip(dists, grid: tuple[int, int] | None = None, image=None, prefix:
     Returns
     -------
     numpy array of axes
+
+    Examples
+    --------
+    >>> import attnchain as ac
+    >>> A, _ = ac.planted_chain([3, 3], leak=0.1, seed=0)
+    >>> axes = bounce_strip(ac.bounce(A, 0, 2))
+    >>> [ax.get_title() for ax in axes]
+    ['n = 0', 'n = 1', 'n = 2']
+
+    See Also
+    --------
+    attnchain.bounce, overlay
     """
     plt = _plt()
     d = to_numpy(dists)
@@ -305,6 +405,16 @@ def token_heat(tokens: Sequence[str], values, ax=None, cmap: str = "magma_r",
     ``colors`` an optional list of RGB colours (e.g. ``label_colors(k)[labels]``) that overrides
     it. Tokens flow left to right and wrap at the right edge of the axes (``width`` only sizes a
     new figure).
+
+    Examples
+    --------
+    >>> ax = token_heat(["the", "cat"], [0.2, 0.8])
+    >>> [t.get_text() for t in ax.texts]
+    ['the', 'cat']
+
+    See Also
+    --------
+    label_colors
     """
     plt = _plt()
     import matplotlib as mpl
@@ -352,7 +462,19 @@ def token_heat(tokens: Sequence[str], values, ax=None, cmap: str = "magma_r",
 def lambda2_heatmap(values, ax=None, title: str | None = None, layer_names: Sequence[str] | None = None,
                     annot: bool | None = None, vmin: float | None = 0.0, vmax: float | None = 1.0,
                     cbar_label: str = "|λ2|"):
-    """Seaborn heatmap of a per-(layer, head) quantity, e.g. ``|λ2|``; rows = layers."""
+    """Seaborn heatmap of a per-(layer, head) quantity, e.g. ``|λ2|``; rows = layers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ax = lambda2_heatmap(np.array([[0.9, 0.2], [0.5, 0.7]]), layer_names=["l0", "l1"])
+    >>> ax.get_ylabel()
+    'layer'
+
+    See Also
+    --------
+    attnchain.lambda2
+    """
     plt = _plt()
     import seaborn as sns
 
@@ -407,6 +529,17 @@ def explorer(draw: Callable[..., object], controls: Mapping[str, object],
     Returns
     -------
     The ``ipywidgets`` interactive object in a live kernel; the matplotlib figure in static mode.
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> fig = explorer(lambda n: plt.figure().gca().plot(range(n)), {"n": range(1, 4)}, static=True)
+    >>> len(fig.axes[0].lines)
+    1
+
+    See Also
+    --------
+    attention_explorer, is_static
     """
     plt = _plt()
     values = {k: _default(c) for k, c in controls.items()}
@@ -441,6 +574,10 @@ def explorer(draw: Callable[..., object], controls: Mapping[str, object],
     return widgets.interactive(_show, **ws)
 
 
+#: How the explorer names the head weightings of :func:`attnchain.head_mean`.
+_WEIGHTING_LABELS = {"uniform": "uniform mean", "lambda2": "λ2-weighted mean"}
+
+
 def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, prefix: int = 0,
                        positions: Sequence[int] | None = None, tokens: Sequence[str] | None = None, title: str = "",
                        defaults: Mapping[str, object] | None = None, static: bool | None = None,
@@ -456,7 +593,8 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
         before the patches; maps are drawn over the image. ``positions`` (e.g.
         ``rec.layout.image``) lists the patch tokens explicitly and overrides ``prefix``. Without a grid, text ``tokens`` are
         drawn with :func:`token_heat`.
-    defaults : initial values for ``layer``, ``head``, ``n``, ``start``, ``direction``.
+    defaults : initial values for ``layer``, ``head`` (a head index, ``"uniform"`` or
+        ``"lambda2"``), ``n``, ``start``, ``direction``.
 
     Returns
     -------
@@ -464,11 +602,23 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
 
     Notes
     -----
-    ``head`` offers each head and ``"mean"`` (uniform head mean) and ``"λ2-mean"``
-    (:func:`attnchain.weighted_head_mean`). The panel shows the matrix and ``v_n`` from
+    ``head`` offers each head and the two head weightings of :func:`attnchain.head_mean`,
+    ``"uniform"`` and ``"lambda2"``. The panel shows the matrix and ``v_n`` from
     :func:`attnchain.bounce`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> att = {"layer 0": torch.softmax(torch.randn(2, 4, 4), -1)}
+    >>> fig = attention_explorer(att, tokens=list("abcd"), defaults={"head": "lambda2"}, static=True)
+    >>> fig.axes[0].get_title()
+    'layer 0, λ2-weighted mean'
+
+    See Also
+    --------
+    explorer, attnchain.bounce, attnchain.head_mean
     """
-    from . import chain, spectral  # imported lazily: viz is importable on its own
+    import attnchain as ac  # imported lazily: viz is importable on its own
 
     plt = _plt()
     mats = {}
@@ -484,8 +634,7 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
     first = next(iter(mats.values()))
     h, n_tok = first.shape[0], first.shape[-1]
     head_choices = {f"head {i}": i for i in range(h)}
-    head_choices["mean"] = "mean"
-    head_choices["λ2-mean"] = "l2mean"
+    head_choices.update({label: w for w, label in _WEIGHTING_LABELS.items()})
     controls = {
         "layer": list(mats),
         "head": head_choices,
@@ -496,16 +645,14 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
 
     def _matrix(layer, head):
         a = mats[layer]
-        if head == "mean":
-            return a.mean(0)
-        if head == "l2mean":
-            return spectral.weighted_head_mean(a, head_dim=0)
+        if head in _WEIGHTING_LABELS:
+            return ac.head_mean(a, head, head_dim=0)
         return a[head]
 
     def draw(layer, head, n, start, direction):
         a = _matrix(layer, head)
-        v = chain.bounce(a, int(start), int(n), direction=direction)[-1]
-        name = {"mean": "mean", "l2mean": "λ2-mean"}.get(head, f"head {head}")
+        v = ac.bounce(a, int(start), int(n), direction=direction)[-1]
+        name = _WEIGHTING_LABELS.get(head, f"head {head}")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 1.3]})
         show_matrix(a, ax=axes[0], title=f"{layer}, {name}")
         axes[0].axhline(int(start), color="c", lw=0.8)

@@ -134,3 +134,65 @@ def test_paired_bootstrap_ci():
     assert lo0 < 0 < hi0 or abs(m0) > 0.1
     with pytest.raises(ValueError, match="shape"):
         metrics.paired_bootstrap_ci(a, b[:3])
+
+
+def test_bootstrap_ci_against_direct_resampling():
+    rng = np.random.default_rng(3)
+    x = rng.normal(loc=1.0, size=50)
+    m, lo, hi = metrics.bootstrap_ci(x, n_boot=500, level=0.9, seed=7)
+    draws = np.random.default_rng(7).integers(0, 50, size=(500, 50))
+    means = x[draws].mean(1)
+    assert m == pytest.approx(x.mean())
+    assert (lo, hi) == tuple(np.quantile(means, [0.05, 0.95]))
+    assert metrics.bootstrap_ci(torch.tensor(x), n_boot=500, level=0.9, seed=7) == (m, lo, hi)
+    # the paired interval is the one-sample interval of the differences
+    y = rng.normal(size=50)
+    assert metrics.paired_bootstrap_ci(x, y, n_boot=500, seed=2) == \
+        metrics.bootstrap_ci(x - y, n_boot=500, seed=2)
+    for bad in (dict(x=[1.0, np.nan]), dict(x=[1.0], level=1.0), dict(x=[1.0], n_boot=0),
+                dict(x=[])):
+        with pytest.raises(ValueError):
+            metrics.bootstrap_ci(**bad)
+
+
+def test_foreground_scores_against_sklearn_and_brute_force():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 6, 6, generator=g)
+    fg = torch.rand(4, 6, 6, generator=g) > 0.6
+    sc = metrics.foreground_scores(maps, fg)
+    for i in range(4):
+        s, y = maps[i].flatten().numpy(), fg[i].flatten().numpy()
+        assert sc["ap"][i] == pytest.approx(average_precision_score(y, s))
+        tau = float(metrics.otsu_threshold(maps[i].flatten()[None])[0])
+        assert sc["iou_otsu"][i] == pytest.approx(metrics.iou(s > tau, y))
+        best = max(metrics.iou(s >= t, y) for t in np.unique(s))
+        assert sc["iou_best"][i] == pytest.approx(best)
+    binary = metrics.foreground_scores(fg.float(), fg, binary=True)
+    np.testing.assert_allclose(binary["iou_otsu"], 1.0)
+
+
+def test_object_iou_against_pixel_iou():
+    masks = torch.zeros(1, 8, 8, dtype=torch.long)
+    masks[0, :4, :4] = 1
+    masks[0, 4:8, 4:6] = 2
+    states = torch.tensor([[[0, 1], [1, 2]]])
+    # object 1: state 0 covers it exactly -> 1; object 2 (8 px): state 2 (16 px) -> 8 / 16
+    assert metrics.object_iou(states, masks)[0] == pytest.approx((1 + 0.5) / 2)
+    up = states[0].repeat_interleave(4, 0).repeat_interleave(4, 1)
+    ref = np.mean([max(metrics.iou((up == s).numpy(), (masks[0] == o).numpy()) for s in range(3))
+                   for o in (1, 2)])
+    assert metrics.object_iou(states, masks)[0] == pytest.approx(ref)
+    two = torch.cat([masks, torch.zeros_like(masks)])  # the second image has no object
+    out = metrics.object_iou(states.expand(2, 2, 2), two)
+    assert out[0] == pytest.approx(0.75) and np.isnan(out[1])
+
+
+def test_adjusted_rand_is_sklearns():
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 3, 40), rng.integers(0, 4, 40)
+    assert metrics.adjusted_rand(torch.tensor(a), torch.tensor(b)) == adjusted_rand_score(a, b)
+    assert metrics.adjusted_rand([0, 0, 1], [2, 2, 7]) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        metrics.adjusted_rand([0, 1], [0, 1, 1])

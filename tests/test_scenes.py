@@ -132,3 +132,30 @@ def test_bad_reference_inputs():
         scenes.patch_foreground(torch.zeros(1, 10, 10, dtype=torch.long))
     with pytest.raises(ValueError, match="SceneDataset needs"):
         scenes.SceneDataset()
+
+
+def test_mask_to_grid_area_average_batched_and_uneven():
+    m = torch.zeros(8, 8, dtype=torch.bool)
+    m[:4, :2] = True
+    g = scenes.mask_to_grid(m, (2, 2))
+    assert g.dtype == torch.float64
+    np.testing.assert_allclose(g.numpy(), [[0.5, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(scenes.mask_to_grid(m.numpy(), (2, 2)).numpy(), g.numpy())
+    masks = scenes.generate(3, seed=1).masks
+    batched = scenes.mask_to_grid(masks == 1, (8, 8))
+    one_by_one = torch.stack([scenes.mask_to_grid(x == 1, (8, 8)) for x in masks])
+    assert torch.equal(batched, one_by_one)  # bit-identical: the chapters' numbers rely on it
+    np.testing.assert_allclose(batched.float().numpy(),
+                               scenes.patch_foreground((masks == 1).long()).numpy(), atol=1e-6)
+    uneven = scenes.mask_to_grid(torch.ones(64, 64), (37, 37))  # a grid that does not divide
+    assert uneven.shape == (37, 37) and torch.allclose(uneven, torch.ones(37, 37, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        scenes.mask_to_grid(torch.ones(3), (1, 1))
+
+
+def test_patch_objects_majority_vote():
+    masks = torch.zeros(1, 8, 8, dtype=torch.long)
+    masks[0, :4, :4] = 1  # object 1 = patch (0, 0) exactly
+    masks[0, 4:8, 4:6] = 2  # object 2 = half of patch (1, 1): not more than half
+    masks[0, 0:4, 4:7] = 2  # 12 of 16 pixels of patch (0, 1)
+    assert scenes.patch_objects(masks, 4).tolist() == [[[1, 2], [0, 0]]]

@@ -89,17 +89,32 @@ def test_attention_explorer_static(monkeypatch):
     fig = viz.attention_explorer(att, grid=(2, 2), prefix=1, image=np.ones((8, 8, 3)),
                                  defaults={"n": 2, "start": 3})
     assert "v_2 (sink) from token 3" in [ax.get_title() for ax in fig.axes]
-    fig = viz.attention_explorer(att, tokens=list("abcde"), defaults={"head": "l2mean"})
-    assert any("λ2-mean" in ax.get_title() or "l2mean" in ax.get_title() for ax in fig.axes)
+    fig = viz.attention_explorer(att, tokens=list("abcde"), defaults={"head": "lambda2"})
+    assert any("λ2-weighted mean" in ax.get_title() for ax in fig.axes)
+    fig = viz.attention_explorer(att, tokens=list("abcde"), defaults={"head": "uniform"})
+    assert any("uniform mean" in ax.get_title() for ax in fig.axes)
+    with pytest.raises(ValueError, match="unknown controls|not a valid|head"):
+        viz.attention_explorer(att, tokens=list("abcde"), defaults={"heads": "l2mean"})
     with pytest.raises(ValueError):
         viz.attention_explorer({"x": torch.rand(5, 5)})
 
 
-# ------------------------------------------------------------------ mask_to_grid
-def test_mask_to_grid_area_average():
-    m = torch.zeros(8, 8, dtype=torch.bool)
-    m[:4, :2] = True
-    g = viz.mask_to_grid(m, (2, 2))
-    np.testing.assert_allclose(g.numpy(), [[0.5, 0.0], [0.0, 0.0]])
-    with pytest.raises(ValueError):
-        viz.mask_to_grid(torch.ones(3), (1, 1))
+# ------------------------------------------------------------------ devices
+def test_plots_take_tensors_that_refuse_numpy(monkeypatch):
+    """Plots convert through to_numpy (detach + cpu), never ``tensor.numpy()`` on the input."""
+    class DeviceTensor(torch.Tensor):  # stands in for a CUDA tensor: .numpy() refuses
+        def numpy(self, *a, **k):
+            raise TypeError("can't convert cuda tensor to numpy")
+
+        def cpu(self, *a, **k):
+            return super().cpu(*a, **k).as_subclass(torch.Tensor)
+
+        def to(self, *a, **k):
+            return super().to(*a, **k).as_subclass(torch.Tensor)
+
+    a = torch.softmax(torch.randn(4, 4), -1).as_subclass(DeviceTensor)
+    viz.show_matrix(a)
+    viz.overlay(viz.patch_map(a[0], (2, 2)), np.ones((8, 8, 3)))
+    viz.bounce_strip(a, steps=[0, 1])
+    viz.lambda2_heatmap(a)
+    viz.token_heat(list("abcd"), a[0])

@@ -49,6 +49,8 @@ __all__ = [
     "colour_contrast",
     "centre_prior",
     "patch_foreground",
+    "mask_to_grid",
+    "patch_objects",
 ]
 
 IMAGE_SIZE = 64
@@ -299,6 +301,10 @@ def generate(n: int, seed: int, level: str = "easy", size: int = IMAGE_SIZE) -> 
     >>> s = generate(4, seed=0, level="easy")
     >>> s.images.shape, s.masks.shape, s.labels.shape
     (torch.Size([4, 3, 64, 64]), torch.Size([4, 64, 64]), torch.Size([4, 3]))
+
+    See Also
+    --------
+    benchmark, SceneDataset
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -334,6 +340,16 @@ def benchmark(level: str = "easy", n: int = BENCHMARK_SIZE, size: int = IMAGE_SI
     """The held-out benchmark split: ``generate(n, BENCHMARK_SEED, level, size)``.
 
     Never train on ``BENCHMARK_SEED``. ``n`` below ``BENCHMARK_SIZE`` gives a prefix of the split.
+
+    Examples
+    --------
+    >>> s = benchmark("hard", n=2)
+    >>> s.seed == BENCHMARK_SEED, s.levels
+    (True, ('hard', 'hard'))
+
+    See Also
+    --------
+    generate
     """
     return generate(n, BENCHMARK_SEED, level, size)
 
@@ -404,6 +420,16 @@ def colour_contrast(images: torch.Tensor, border: int = 2) -> torch.Tensor:
     -----
     The classic background prior of salient-object detection: the frame is assumed to be
     background. It is the baseline that any attention-based foreground map should beat.
+
+    Examples
+    --------
+    >>> m = colour_contrast(generate(2, seed=0).images)
+    >>> m.shape, bool(m.max() <= 1)
+    (torch.Size([2, 64, 64]), True)
+
+    See Also
+    --------
+    centre_prior, patch_foreground
     """
     if images.ndim < 3 or images.shape[-3] != 3:
         raise ValueError(f"images must have shape (..., 3, H, W), got {tuple(images.shape)}")
@@ -420,7 +446,18 @@ def colour_contrast(images: torch.Tensor, border: int = 2) -> torch.Tensor:
 
 
 def centre_prior(n: int, size: int = IMAGE_SIZE, sigma: float = 0.25) -> torch.Tensor:
-    """Centre prior ``exp(-||p - c||^2 / (2 (sigma * size)^2))``, shape ``(n, size, size)``."""
+    """Centre prior ``exp(-||p - c||^2 / (2 (sigma * size)^2))``, shape ``(n, size, size)``.
+
+    Examples
+    --------
+    >>> c = centre_prior(1, size=4)
+    >>> c.shape, bool(c[0, 1, 1] > c[0, 0, 0])
+    (torch.Size([1, 4, 4]), True)
+
+    See Also
+    --------
+    colour_contrast
+    """
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     c = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2) / (sigma * size)
@@ -432,6 +469,19 @@ def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch
     """Fraction of object pixels in each patch: ``(..., H, W)`` masks -> ``(..., H/p, W/p)``.
 
     This is the ground truth on the token grid (the best any patch-level map can do).
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :2, :1] = 1
+    >>> patch_foreground(masks, 2)
+    tensor([[[0.5000, 0.0000],
+             [0.0000, 0.0000]]])
+
+    See Also
+    --------
+    mask_to_grid, patch_objects
     """
     h, w = masks.shape[-2:]
     if h % patch_size or w % patch_size:
@@ -440,3 +490,84 @@ def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch
     lead = fg.shape[:-2]
     fg = fg.reshape(*lead, h // patch_size, patch_size, w // patch_size, patch_size)
     return fg.mean(dim=(-3, -1))
+
+
+def mask_to_grid(mask, grid) -> torch.Tensor:
+    """Area-average ``(..., H, W)`` boolean / 0-1 masks onto a patch grid: ``(..., h, w)`` fractions.
+
+    Parameters
+    ----------
+    mask : Tensor or array_like, shape (..., H, W)
+        Masks (any device); True / 1 = inside.
+    grid : (int, int)
+        The patch grid ``(h, w)``; it need not divide ``(H, W)``
+        (:func:`torch.nn.functional.adaptive_avg_pool2d`).
+
+    Returns
+    -------
+    Tensor, shape (..., h, w)
+        float64 fraction of each patch inside the mask, on the mask's device.
+
+    Raises
+    ------
+    ValueError
+        A mask with fewer than two dimensions.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = torch.zeros(4, 4, dtype=torch.bool)
+    >>> m[:2, :1] = True
+    >>> mask_to_grid(m, (2, 2))
+    tensor([[0.5000, 0.0000],
+            [0.0000, 0.0000]], dtype=torch.float64)
+
+    See Also
+    --------
+    patch_foreground, patch_objects
+    """
+    m = mask.detach() if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))
+    m = m.to(torch.float64)
+    if m.ndim < 2:
+        raise ValueError(f"mask_to_grid: expected (..., H, W) masks, got shape {tuple(m.shape)}")
+    lead = m.shape[:-2]
+    flat = m.reshape(-1, 1, *m.shape[-2:])
+    out = torch.nn.functional.adaptive_avg_pool2d(flat, tuple(int(g) for g in grid))
+    return out.reshape(*lead, *out.shape[-2:])
+
+
+def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """Object id of each patch: the instance covering more than half of its pixels, else 0.
+
+    Parameters
+    ----------
+    masks : LongTensor, shape (B, H, W)
+        Instance ids, 0 = background.
+    patch_size : int
+        Patch side in pixels.
+
+    Returns
+    -------
+    LongTensor, shape (B, H / patch_size, W / patch_size)
+        On the masks' device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :2, :2] = 1
+    >>> masks[0, 2:, 2:3] = 2          # half of a patch: not more than half
+    >>> patch_objects(masks, 2)
+    tensor([[[1, 0],
+             [0, 0]]])
+
+    See Also
+    --------
+    patch_foreground, mask_to_grid
+    """
+    k = int(masks.max()) + 1
+    oh = torch.nn.functional.one_hot(masks, k).float().permute(0, 3, 1, 2)  # (B, k, H, W)
+    frac = torch.nn.functional.avg_pool2d(oh, patch_size)  # (B, k, r, c)
+    frac[:, 0] = 0.0
+    val, idx = frac.max(1)
+    return torch.where(val > 0.5, idx, torch.zeros_like(idx))

@@ -1,0 +1,16 @@
+"""Tasks: evaluations of attention chains on the runner, with shared read-outs.
+
+- :class:`Runner` (resumable, sharded with ``accelerate``, results in one long table
+  ``item, method, weighting, metric, value``), :func:`summarise` and :func:`compare` (means and
+  paired differences with bootstrap confidence intervals) and :func:`select`.
+- :mod:`~attnchain.tasks.readouts`: row select, column select, column sum, bounce maps,
+  TokenRank and metastable states, read at chosen target tokens.
+- One module per task: :mod:`~attnchain.tasks.scene_saliency` (chapter 7) and
+  :mod:`~attnchain.tasks.same_object` (the same-object AUC of chapters 3 and 5); the locality
+  analysis in :mod:`~attnchain.tasks.locality`.
+"""
+from . import locality, readouts, same_object, scene_saliency
+from ._runner import COLUMNS, Runner, compare, select, summarise
+
+__all__ = ["COLUMNS", "Runner", "compare", "select", "summarise", "readouts", "locality",
+           "same_object", "scene_saliency"]

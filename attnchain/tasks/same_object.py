@@ -1,0 +1,92 @@
+r"""Same-object AUC: does a walk that starts inside an object stay on that object?
+
+The protocol of chapters 3 and 5. For every object of every scene, start a multi-bounce walk at
+the patch most inside the object (the largest fraction of object pixels,
+:func:`attnchain.data.scenes.mask_to_grid`) and score the map after :math:`n` bounces,
+:math:`v_n = e_{\text{start}} P^n`, against the object's patches (more than half of their pixels
+inside) with the ROC AUC (:func:`attnchain.metrics.auc`). 1 means the walk ranks every patch of
+its object above every other patch; 0.5 is chance.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+from torch import Tensor
+
+from .. import metrics
+from ..data import scenes
+from . import readouts
+
+__all__ = ["same_object_auc"]
+
+
+def same_object_auc(chains: Tensor, masks: Tensor, grid, bounces: Sequence[int] = (1, 2),
+                    direction: str = "sink") -> pd.DataFrame:
+    r"""Same-object AUC of multi-bounce maps from the patch most inside each object.
+
+    Parameters
+    ----------
+    chains : Tensor, shape (B, n, n)
+        One row-stochastic chain per scene on its ``n = rows * cols`` image patches (e.g.
+        :func:`attnchain.restrict` of the attention to the patch tokens), any device.
+    masks : LongTensor, shape (B, H, W)
+        Instance ids of the scenes, 0 = background.
+    grid : (int, int)
+        The patch grid ``(rows, cols)``.
+    bounces : sequence of int
+        The numbers of bounces :math:`n \ge 1` to score.
+    direction : {"sink", "source"}
+        Direction of the walk (:func:`attnchain.tasks.readouts.bounce_maps`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``scene, object, start, n, AUC``, one row per scored object and ``n``, ordered by
+        object, scene and ``n``. Objects that cover no patch, or every patch, are left out.
+
+    Raises
+    ------
+    ValueError
+        Chains and masks of different batch sizes, or chains that do not fit the grid.
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :, :2] = 1                                  # object 1: the left column of patches
+    >>> lab = torch.tensor([1, 0, 1, 0])                     # patch labels on the 2 x 2 grid
+    >>> P = (lab[:, None] == lab[None, :]).float()
+    >>> P = (P / P.sum(-1, keepdim=True))[None]              # a walk that never leaves its side
+    >>> same_object_auc(P, masks, (2, 2), bounces=[1, 2])
+       scene  object  start  n  AUC
+    0      0       1      0  1  1.0
+    1      0       1      0  2  1.0
+
+    See Also
+    --------
+    attnchain.tasks.readouts.bounce_maps, attnchain.metrics.auc
+    """
+    if chains.ndim != 3 or chains.shape[0] != masks.shape[0]:
+        raise ValueError(f"chains must have shape (B, n, n) with B = {masks.shape[0]} scenes, got "
+                         f"{tuple(chains.shape)}")
+    if chains.shape[-1] != grid[0] * grid[1]:
+        raise ValueError(f"chains have n = {chains.shape[-1]} tokens but the grid {tuple(grid)} "
+                         f"has {grid[0] * grid[1]} patches")
+    bounces = [int(n) for n in bounces]
+    if not bounces or min(bounces) < 1:
+        raise ValueError(f"bounces must be numbers n >= 1, got {bounces}")
+    rows = []
+    for obj in range(1, int(masks.max()) + 1):
+        frac = scenes.mask_to_grid(masks == obj, grid).flatten(1)  # (B, n)
+        starts = frac.argmax(-1)
+        vv = readouts.bounce_maps(chains, starts, max(bounces), direction=direction)
+        vv = vv.detach().cpu()  # (B, max + 1, n), scored by metrics on the CPU
+        for i in range(chains.shape[0]):
+            target = frac[i] > 0.5
+            if target.sum() == 0 or target.all():
+                continue
+            for n in bounces:
+                rows.append(dict(scene=i, object=obj, start=int(starts[i]), n=n,
+                                 AUC=metrics.auc(vv[i, n], target)))
+    return pd.DataFrame(rows, columns=["scene", "object", "start", "n", "AUC"])

@@ -1,0 +1,56 @@
+"""The same-object AUC protocol against the inline computation chapters 3 and 5 used to carry."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+import attnchain as ac
+from attnchain.data import scenes
+from attnchain.tasks.same_object import same_object_auc
+
+
+def _old_mask_to_grid(mask, grid):  # viz.mask_to_grid of 7bbbab2
+    m = torch.as_tensor(np.asarray(mask.numpy(), dtype=np.float64))
+    return torch.nn.functional.adaptive_avg_pool2d(m[None, None], grid)[0, 0]
+
+
+def _old_chapter_rows(P_all, masks, grid, max_n):
+    """Chapter 3's cell (and chapter 5's, with n in (1, 2)) before the protocol moved."""
+    rows = []
+    for obj in range(1, int(masks.max()) + 1):
+        frac = torch.stack([_old_mask_to_grid(m == obj, grid).flatten() for m in masks])
+        vv = ac.bounce(P_all, frac.argmax(-1), max_n)
+        for i in range(len(masks)):
+            target = (frac[i] > 0.5).numpy()
+            if target.sum() == 0 or target.all():
+                continue
+            for n in range(1, max_n + 1):
+                rows.append((i, obj, n, roc_auc_score(target, vv[i, n].numpy())))
+    return rows
+
+
+def test_same_object_auc_equals_the_chapters_inline_computation():
+    data = scenes.generate(6, seed=3, level="easy")
+    g = torch.Generator().manual_seed(0)
+    P = torch.softmax(3 * torch.randn(6, 64, 64, generator=g), -1)
+    res = same_object_auc(P, data.masks, (8, 8), bounces=range(1, 5))
+    old = _old_chapter_rows(P, data.masks, (8, 8), 4)
+    assert list(res.columns) == ["scene", "object", "start", "n", "AUC"]
+    assert [tuple(r) for r in res[["scene", "object", "n", "AUC"]].itertuples(index=False)] == old
+    two = same_object_auc(P, data.masks, (8, 8), bounces=(1, 2))
+    assert two.AUC.tolist() == res[res.n <= 2].AUC.tolist()  # chapter 5 reads n = 1, 2
+
+
+def test_same_object_auc_ideal_chain_and_bad_input():
+    data = scenes.generate(4, seed=1)
+    objects = scenes.patch_objects(data.masks).flatten(1)  # (B, 64)
+    same = (objects[:, :, None] == objects[:, None, :]).float()
+    ideal = same / same.sum(-1, keepdim=True)  # never leaves its object
+    res = same_object_auc(ideal, data.masks, (8, 8), bounces=(1, 3))
+    assert len(res) > 0 and (res.AUC == 1.0).all()
+    with pytest.raises(ValueError, match="grid"):
+        same_object_auc(ideal, data.masks, (4, 4))
+    with pytest.raises(ValueError, match="scenes"):
+        same_object_auc(ideal[:2], data.masks, (8, 8))
+    with pytest.raises(ValueError, match="bounces"):
+        same_object_auc(ideal, data.masks, (8, 8), bounces=[0])
