@@ -33,7 +33,7 @@ import torch
 from ._validate import (HALF, as_tensor, check_choice, check_fraction, check_int, check_mask,
                         check_positive, check_real, check_rows, check_square, compute_dtype,
                         first_bad, prepare, start_distribution, token_indices)
-from .operators import ChainOperator, SourceChain, as_operator
+from .operators import SourceChain, as_operator
 from .stationary import stationary_dense, token_rank
 
 __all__ = [

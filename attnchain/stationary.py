@@ -24,7 +24,7 @@ import torch
 from ._solvers import gmres
 from ._validate import (as_tensor, check_choice, check_fraction, check_int,
                         check_personalization, check_positive, check_rows, check_square,
-                        compute_dtype, first_bad, late_row_check, prepare)
+                        first_bad, late_row_check, prepare)
 from .errors import ReducibleChainError
 from .operators import ChainOperator, DampedChain, DenseChain, as_operator
 
@@ -244,15 +244,11 @@ def stationary_dense(A, alpha: float = 0.99, personalization=None, atol: float =
 
 
 def _token_rank_dense(A, alpha, personalization, dtype, check, atol, return_info):
-    """``token_rank(method="dense")``: the float64 solve, returned in token_rank's dtype."""
-    if isinstance(A, ChainOperator):
-        out_dtype = as_operator(A, dtype).dtype
-        A64 = A.dense().to(torch.float64)
-    else:
-        A = as_tensor(A, "A")
-        check_square(A)
-        out_dtype = compute_dtype(A, dtype)
-        A64 = prepare(A, torch.float64, atol, check=check)
+    """``token_rank(method="dense")``: the float64 solve for the chain that ``as_operator``
+    makes of ``A`` (so ``A`` and ``DenseChain(A)`` agree), returned in that chain's dtype."""
+    op = as_operator(A, dtype, atol, check=check)
+    out_dtype = op.dtype
+    A64 = op.dense().to(torch.float64)
     pi = _solve_dense(A64, alpha, personalization)
     if not return_info:
         return pi.to(out_dtype)
