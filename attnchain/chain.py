@@ -146,6 +146,11 @@ def to_stochastic(x, kind: str = "logits", mask=None, dtype: Optional[torch.dtyp
     --------
     check_stochastic, restrict
     attnchain.operators.attention_probs : the softmax of :math:`s\,QK^\top + M` from q and k.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
     check_choice(kind, "kind", ("logits", "weights"))
     x = as_tensor(x, "x")
@@ -215,6 +220,11 @@ def restrict(A, tokens, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     See Also
     --------
     to_stochastic : the row normalisation used here.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
     A = as_tensor(A, "A")
     N = check_square(A)
@@ -259,6 +269,11 @@ def source_chain(A, dtype: Optional[torch.dtype] = None, atol: float = 1e-4) -> 
     --------
     attnchain.operators.SourceChain : the same chain as an operator.
     bounce : ``direction="source"`` runs this chain.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
     return SourceChain(as_operator(A, dtype, atol)).dense()
 

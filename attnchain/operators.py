@@ -36,8 +36,8 @@ from torch import Tensor
 
 from ._validate import check_fraction, check_personalization, first_bad, prepare
 
-__all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "mask_to_bias",
-           "attention_logits", "attention_probs"]
+__all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "as_operator",
+           "mask_to_bias", "attention_logits", "attention_probs"]
 
 
 class ChainOperator(abc.ABC):
@@ -85,6 +85,12 @@ class ChainOperator(abc.ABC):
     See Also
     --------
     DenseChain, DampedChain, SourceChain
+    as_operator : a tensor or an operator, as an operator.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
 
     n: int
@@ -132,8 +138,48 @@ class ChainOperator(abc.ABC):
 
 def as_operator(A, dtype: Optional[torch.dtype] = None, atol: float = 1e-4,
                 check: bool = True) -> ChainOperator:
-    """``A`` itself if it is a :class:`ChainOperator` (then ``dtype`` must be ``None`` or its
-    dtype), else ``DenseChain(A, dtype, atol, check)``."""
+    """A tensor or an operator, as an operator: what :func:`attnchain.bounce`,
+    :func:`attnchain.token_rank` and :func:`attnchain.lambda2` do with their input.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N), or ChainOperator
+        Row-stochastic matrices, or an operator.
+    dtype : torch.dtype, optional
+        For a tensor: the compute dtype (see :class:`DenseChain`). For an operator: ``None``
+        or the operator's own dtype.
+    atol : float
+        Row-sum tolerance of the input check of a tensor.
+    check : bool
+        Check a tensor with :func:`attnchain.check_stochastic` (operators are trusted).
+
+    Returns
+    -------
+    ChainOperator
+        ``A`` itself if it is an operator, else ``DenseChain(A, dtype, atol, check)``.
+
+    Raises
+    ------
+    ValueError
+        An invalid tensor (see :class:`DenseChain`), or a ``dtype`` that differs from the
+        operator's.
+
+    Examples
+    --------
+    >>> import torch
+    >>> op = as_operator(torch.eye(3))
+    >>> type(op).__name__, as_operator(op) is op
+    ('DenseChain', True)
+
+    See Also
+    --------
+    DenseChain
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    """
     if isinstance(A, ChainOperator):
         if dtype is not None and dtype != A.dtype:
             raise ValueError(f"dtype={dtype} differs from the operator's dtype {A.dtype}; "
@@ -180,6 +226,12 @@ class DenseChain(ChainOperator):
     See Also
     --------
     ChainOperator, DampedChain, SourceChain
+    attnchain.check_stochastic : the input check.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
 
     def __init__(self, A, dtype: Optional[torch.dtype] = None, atol: float = 1e-4,
@@ -222,7 +274,7 @@ class DampedChain(ChainOperator):
     op : ChainOperator
         The undamped chain, broadcast to the batch shape of the damped one.
     alpha : float
-    p : Tensor, shape (*batch, N)
+    p : Tensor, shape (..., N)
         The normalised teleport distribution.
 
     Raises
@@ -307,7 +359,7 @@ class SourceChain(ChainOperator):
     Attributes
     ----------
     op : ChainOperator
-    colsum : Tensor, shape (*batch, N)
+    colsum : Tensor, shape (..., N)
         The column sums :math:`c_j = \sum_i A_{ij}` (how much attention key ``j`` receives).
 
     Raises
@@ -337,6 +389,11 @@ class SourceChain(ChainOperator):
     --------
     attnchain.source_chain : the dense matrix ``S``.
     attnchain.bounce : ``direction="source"`` runs this chain.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention` (the two directions of attention chains).
     """
 
     def __init__(self, op):
@@ -409,6 +466,11 @@ def mask_to_bias(mask: Tensor | None, dtype: torch.dtype = torch.float32) -> Ten
     See Also
     --------
     attention_probs : uses the bias.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
     if mask is None:
         return None
@@ -439,6 +501,11 @@ def attention_logits(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = N
     -------
     Tensor, shape (..., N_q, N_k)
 
+    Raises
+    ------
+    RuntimeError
+        From torch, when the shapes of ``q``, ``k`` and ``bias`` do not fit.
+
     Examples
     --------
     >>> import torch
@@ -448,6 +515,11 @@ def attention_logits(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = N
     See Also
     --------
     attention_probs
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
     s = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
     if bias is not None:
@@ -475,6 +547,11 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
     Tensor, shape (..., N_q, N_k)
         Row-stochastic: every row is a distribution over the keys.
 
+    Raises
+    ------
+    RuntimeError
+        From torch, when the shapes of ``q``, ``k`` and ``bias`` do not fit.
+
     Examples
     --------
     >>> import torch
@@ -486,5 +563,11 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
     See Also
     --------
     mask_to_bias, attention_logits
+    attnchain.to_stochastic : the softmax of given logits, with checks.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
     """
     return torch.softmax(attention_logits(q, k, scale, bias, dtype), dim=-1)

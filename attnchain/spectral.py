@@ -111,6 +111,11 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
     See Also
     --------
     lambda2 : only :math:`|\lambda_2|`, also by Krylov iteration.
+
+    References
+    ----------
+    .. [1] Levin, Peres, Wilmer, "Markov Chains and Mixing Times", 2nd ed., AMS 2017
+       :cite:`levin2017markov` (the spectrum of a transition matrix).
     """
     A = prepare(A, dtype, atol)
     N = A.shape[-1]
