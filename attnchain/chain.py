@@ -18,8 +18,8 @@ with a :class:`ValueError` that names the problem. float16/bfloat16 inputs are u
 ``atol`` raised to the input type's machine epsilon (rounding to half precision moves row sums by
 up to half of it) and their rows renormalised after the upcast.
 
-References
-----------
+**References**
+
 .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
    :cite:`erel2025attention`.
 """

@@ -20,8 +20,8 @@ This module is also the one home of the attention softmax,
 
 with ``s`` the logit scale and ``M`` the additive form of a mask (:func:`mask_to_bias`).
 
-References
-----------
+**References**
+
 Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2507.17657
 :cite:`erel2025attention`. Page et al., "The PageRank Citation Ranking", 1999
 :cite:`page1999pagerank`.

@@ -8,8 +8,8 @@ attention heads: structured heads mix slowly (large :math:`|\lambda_2|`), noisy 
 Markov operations (checks, bounce) live in :mod:`attnchain.chain`, TokenRank in
 :mod:`attnchain.stationary`. How the Krylov solver works is on the book's Numerics page.
 
-References
-----------
+**References**
+
 Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
 :cite:`erel2025attention`; Saad, "Numerical Methods for Large Eigenvalue Problems", 2011
 :cite:`saad2011eigen`; Deuflhard, Weber, "Robust Perron cluster analysis in conformation

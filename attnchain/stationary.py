@@ -8,8 +8,8 @@ whether the undamped chain (``alpha = 1``) has a unique answer at all.
 
 How the solvers work (passes, cache groups, the GMRES fallback) is on the book's Numerics page.
 
-References
-----------
+**References**
+
 Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
 :cite:`erel2025attention`; Page, Brin, Motwani, Winograd, "The PageRank Citation Ranking", 1999
 :cite:`page1999pagerank`; Levin, Peres, Wilmer, "Markov Chains and Mixing Times", 2017
