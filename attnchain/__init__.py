@@ -1,28 +1,34 @@
 """attnchain: attention matrices as discrete-time Markov chains.
 
-The public API: Markov operations (:mod:`attnchain.chain`), spectra and head weights
-(:mod:`attnchain.spectral`), reading attention out of models (:mod:`attnchain.capture`, callable as
-``attnchain.capture(model)``) and models by name for both profiles (:mod:`attnchain.zoo`).
+The public API: building and checking chains and bounces (:mod:`attnchain.chain`), chain
+operators (:mod:`attnchain.operators`), stationary distributions and TokenRank
+(:mod:`attnchain.stationary`), spectra and head weights (:mod:`attnchain.spectral`), the exception
+family (:mod:`attnchain.errors`), reading attention out of models (:mod:`attnchain.capture`,
+callable as ``attnchain.capture(model)``) and models by name for both profiles
+(:mod:`attnchain.zoo`).
 
 Reference: Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
 Chains". NeurIPS 2025, arXiv:2507.17657.
 """
 from . import capture, zoo
 from .chain import (
-    ConvergenceError,
-    ReducibleChainError,
     bipartite_chain,
     bounce,
     check_stochastic,
-    damped,
     planted_chain,
     restrict,
     rollout,
     source_chain,
-    stationary_dense,
     to_stochastic,
-    token_rank,
 )
+from .errors import (
+    AdapterError,
+    AttnchainError,
+    ConvergenceError,
+    ReducibleChainError,
+    UnavailableModelError,
+)
+from .operators import ChainOperator, DampedChain, DenseChain, SourceChain
 from .spectral import (
     choose_bounces,
     eigenvalues,
@@ -30,19 +36,27 @@ from .spectral import (
     head_weights,
     lambda2,
     metastable_states,
-    weighted_head_mean,
 )
+from .stationary import closed_class_count, damped, stationary_dense, token_rank
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterError",
+    "AttnchainError",
+    "ChainOperator",
     "ConvergenceError",
+    "DampedChain",
+    "DenseChain",
     "ReducibleChainError",
+    "SourceChain",
+    "UnavailableModelError",
     "bipartite_chain",
     "bounce",
     "capture",
     "check_stochastic",
     "choose_bounces",
+    "closed_class_count",
     "damped",
     "eigenvalues",
     "head_mean",
@@ -56,6 +70,5 @@ __all__ = [
     "stationary_dense",
     "to_stochastic",
     "token_rank",
-    "weighted_head_mean",
     "zoo",
 ]

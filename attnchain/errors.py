@@ -21,7 +21,19 @@ __all__ = ["AttnchainError", "ConvergenceError", "ReducibleChainError", "Unavail
 
 
 class AttnchainError(Exception):
-    """Base class of every exception attnchain defines."""
+    """Base class of every exception attnchain defines.
+
+    Examples
+    --------
+    >>> import attnchain as ac
+    >>> all(issubclass(e, ac.AttnchainError) for e in (ac.ConvergenceError,
+    ...     ac.ReducibleChainError, ac.UnavailableModelError, ac.AdapterError))
+    True
+
+    See Also
+    --------
+    ConvergenceError, ReducibleChainError, UnavailableModelError, AdapterError
+    """
 
 
 class ConvergenceError(AttnchainError, RuntimeError):
@@ -37,6 +49,21 @@ class ConvergenceError(AttnchainError, RuntimeError):
         Passes over the chain (products with the whole batch) made before giving up.
     residual : float, optional
         The last value of the stopping quantity (largest over the batch).
+
+    Examples
+    --------
+    >>> import torch, attnchain as ac
+    >>> slow = 0.999 * torch.block_diag(torch.eye(2), torch.eye(2)) + 0.001 / 4
+    >>> start = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    >>> try:
+    ...     ac.token_rank(slow, personalization=start, method="power", max_iter=3)
+    ... except ac.ConvergenceError as err:
+    ...     print(err.passes, err.residual > 1e-6)
+    3 True
+
+    See Also
+    --------
+    attnchain.token_rank, attnchain.lambda2 : raise it.
     """
 
     def __init__(self, message: str, passes: float | None = None,
@@ -50,6 +77,11 @@ class ReducibleChainError(AttnchainError, ValueError):
     """The chain has more than one closed class, so its stationary distribution is not unique.
 
     Raised for ``alpha=1`` (no damping); damping (``alpha < 1``) always makes the answer unique.
+
+    See Also
+    --------
+    attnchain.closed_class_count : the number of closed classes.
+    attnchain.token_rank, attnchain.stationary_dense : raise it.
     """
 
 

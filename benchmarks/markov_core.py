@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from attnchain.chain import stationary_dense, token_rank
+from attnchain.stationary import stationary_dense, token_rank
 from attnchain.spectral import KRYLOV_BLOCK, lambda2
 
 

@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnchain.chain import (ConvergenceError, ReducibleChainError, bipartite_chain, bounce,
-                             check_stochastic, damped, planted_chain, rollout, source_chain,
-                             stationary_dense, to_stochastic, token_rank)
+from attnchain.chain import (bipartite_chain, bounce, check_stochastic, planted_chain, rollout,
+                             source_chain, to_stochastic)
+from attnchain.errors import ConvergenceError, ReducibleChainError
+from attnchain.stationary import damped, stationary_dense, token_rank
 
 
 def rand_chain(*shape, seed=0, sparsity=0.0, temp=2.0, dtype=torch.float32):

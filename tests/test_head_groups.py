@@ -62,12 +62,12 @@ def test_bad_matrix_in_a_later_group_named_in_whole_batch(monkeypatch, value, ma
 
 
 def test_token_rank_groups_do_not_change_results(monkeypatch):
-    import attnchain.chain as chain
-    from attnchain.chain import stationary_dense, token_rank
+    import attnchain.stationary as stationary
+    from attnchain.stationary import stationary_dense, token_rank
     A = mixed_batch()
     exact = torch.stack([stationary_dense(a) for a in A])
     whole, info = token_rank(A, tol=1e-12, return_info=True)
-    monkeypatch.setattr(chain, "TOKEN_RANK_GROUP_BYTES", 2 * A[0].numel() * 8)  # 2 per group
+    monkeypatch.setattr(stationary, "TOKEN_RANK_GROUP_BYTES", 2 * A[0].numel() * 8)  # 2 per group
     grouped, ginfo = token_rank(A, tol=1e-12, return_info=True)
     for got in (whole, grouped):
         assert (got - exact).abs().sum(-1).max() < 1e-10

@@ -1,0 +1,398 @@
+r"""Stationary distributions of attention chains: the damped chain and TokenRank.
+
+A family in the manner of networkx's PageRank: :func:`damped` builds the PageRank-damped chain
+:math:`A' = \alpha A + (1-\alpha)\,\mathbf 1 p^\top`, :func:`token_rank` computes its stationary
+row vector :math:`\pi = \pi A'` iteratively (or by the dense float64 solve, ``method="dense"``),
+and :func:`stationary_dense` is that dense reference on its own. :func:`closed_class_count` tells
+whether the undamped chain (``alpha = 1``) has a unique answer at all.
+
+How the solvers work (passes, cache groups, the GMRES fallback) is on the book's Numerics page.
+
+**References**
+
+Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+:cite:`erel2025attention`; Page, Brin, Motwani, Winograd, "The PageRank Citation Ranking", 1999
+:cite:`page1999pagerank`; Levin, Peres, Wilmer, "Markov Chains and Mixing Times", 2017
+:cite:`levin2017markov` (closed classes and uniqueness).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._solvers import gmres
+from ._validate import (as_tensor, check_choice, check_fraction, check_int,
+                        check_personalization, check_positive, check_rows, check_square,
+                        first_bad, late_row_check, prepare)
+from .errors import ReducibleChainError
+from .operators import ChainOperator, DampedChain, DenseChain, as_operator
+
+__all__ = ["damped", "token_rank", "stationary_dense", "closed_class_count",
+           "TOKEN_RANK_METHODS", "TOKEN_RANK_GROUP_BYTES"]
+
+#: The methods of :func:`token_rank`.
+TOKEN_RANK_METHODS = ("krylov", "power", "dense")
+
+#: On CPU, token_rank solves the chains in groups of at most this many bytes, one group after
+#: the other (see the Numerics page).
+TOKEN_RANK_GROUP_BYTES = 32 * 2 ** 20
+
+
+def damped(A, alpha: float = 0.99, personalization=None, dtype: Optional[torch.dtype] = None,
+           atol: float = 1e-4) -> torch.Tensor:
+    r"""The PageRank-damped ("Google") chain :math:`\alpha A + (1-\alpha)\,\mathbf 1 p^\top`.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Row-stochastic attention.
+    alpha : float in [0, 1]
+        Damping: with probability :math:`1-\alpha` the walk teleports to a token drawn from ``p``.
+    personalization : Tensor, shape (N,) or (..., N), optional
+        Non-negative teleport weights ``p`` (normalised to sum 1); uniform if ``None``.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default) or ``torch.float64``.
+    atol : float
+        Row-sum tolerance of the input check.
+
+    Returns
+    -------
+    Tensor, shape (..., N, N)
+        The damped chain; row-stochastic, and for ``alpha < 1`` with positive ``p`` irreducible
+        and aperiodic, so its stationary distribution is unique [2]_. The batch shape is the
+        broadcast of ``A``'s and ``p``'s.
+
+    Raises
+    ------
+    ValueError
+        ``alpha`` outside [0, 1], an invalid ``personalization``, or an invalid ``A`` (see
+        :func:`attnchain.check_stochastic`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    >>> damped(A, alpha=0.9)
+    tensor([[0.0500, 0.9500],
+            [0.9500, 0.0500]])
+
+    See Also
+    --------
+    attnchain.operators.DampedChain : the same chain as an operator, never formed.
+    token_rank : its stationary distribution.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    .. [2] Page, Brin, Motwani, Winograd, "The PageRank Citation Ranking", 1999
+       :cite:`page1999pagerank`.
+    """
+    alpha = check_fraction(alpha, "alpha")
+    return DampedChain(DenseChain(A, dtype, atol), alpha, personalization).dense()
+
+
+def closed_class_count(A) -> torch.Tensor:
+    r"""Number of closed communicating classes of each chain in a batch.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Non-negative matrices; only the pattern of positive entries matters.
+
+    Returns
+    -------
+    LongTensor, shape (...,)
+        The number of closed classes of each chain, on the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``A`` is not a real square tensor.
+
+    Notes
+    -----
+    A class (a set of states that all reach each other) is closed when no transition leaves
+    it. A finite chain has a unique stationary distribution if and only if it has exactly one
+    closed class [1]_; states outside the closed classes are transient and get zero mass.
+    Chains with all entries positive (every softmax without masking) have one; others are
+    decomposed into strongly connected components (:mod:`scipy.sparse.csgraph`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> closed_class_count(torch.block_diag(torch.eye(2), torch.ones(3, 3) / 3))
+    tensor(3)
+
+    See Also
+    --------
+    token_rank, stationary_dense : raise :class:`~attnchain.errors.ReducibleChainError` for
+        ``alpha = 1`` when the count exceeds one.
+
+    References
+    ----------
+    .. [1] Levin, Peres, Wilmer, "Markov Chains and Mixing Times", 2nd ed., AMS 2017
+       :cite:`levin2017markov`.
+    """
+    A = as_tensor(A, "A")
+    N = check_square(A)
+    batch = A.shape[:-2]
+    if bool((A > 0).all()):
+        return torch.ones(batch, dtype=torch.long)
+    import numpy as np
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pos = (A > 0).reshape(-1, N, N).cpu().numpy()
+    counts = []
+    for g in pos:
+        n_comp, lab = connected_components(csr_matrix(g), directed=True, connection="strong")
+        i, j = np.nonzero(g)
+        leaving = lab[i] != lab[j]
+        open_ = np.zeros(n_comp, dtype=bool)
+        open_[lab[i[leaving]]] = True
+        counts.append(int((~open_).sum()))
+    return torch.tensor(counts, dtype=torch.long).reshape(batch)
+
+
+def _check_unique(A: torch.Tensor) -> None:
+    counts = closed_class_count(A)
+    if (counts > 1).any():
+        idx = first_bad(counts > 1)
+        raise ReducibleChainError(
+            f"reducible chain (batch index {idx}) has {int(counts.max())} closed classes, so its "
+            "stationary distribution is not unique; use alpha < 1 (damping) to make it unique")
+
+
+def _solve_dense(A: torch.Tensor, alpha: float, personalization) -> torch.Tensor:
+    """The float64 solve of :func:`stationary_dense` for a checked float64 ``A``."""
+    N = A.shape[-1]
+    p = check_personalization(personalization, N, A.dtype, A.device)
+    eye = torch.eye(N, dtype=A.dtype, device=A.device)
+    if alpha < 1.0:
+        M = eye - alpha * A
+        b = (1.0 - alpha) * p
+    else:
+        _check_unique(A)
+        M = eye - A + 1.0 / N
+        b = torch.full((N,), 1.0 / N, dtype=A.dtype, device=A.device)
+    batch = torch.broadcast_shapes(M.shape[:-2], b.shape[:-1])
+    M = M.expand(*batch, N, N)
+    b = b.expand(*batch, N)
+    pi = torch.linalg.solve(M.transpose(-1, -2), b.unsqueeze(-1)).squeeze(-1)
+    pi = pi.clamp_min(0)
+    return pi / pi.sum(-1, keepdim=True)
+
+
+def stationary_dense(A, alpha: float = 0.99, personalization=None, atol: float = 1e-4
+                     ) -> torch.Tensor:
+    r"""Reference stationary distribution of the damped chain by a dense float64 solve.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N)
+        Row-stochastic attention.
+    alpha : float in [0, 1]
+        Damping, as in :func:`damped`.
+    personalization : Tensor, shape (N,) or (..., N), optional
+        Teleport distribution ``p`` (uniform if ``None``).
+    atol : float
+        Row-sum tolerance of the input check.
+
+    Returns
+    -------
+    Tensor, shape (..., N), float64
+        :math:`\pi` with :math:`\pi = \pi A'`, :math:`\pi \mathbf 1 = 1`.
+
+    Raises
+    ------
+    ReducibleChainError
+        ``alpha = 1`` and the chain has more than one closed class (no unique answer).
+    ValueError
+        Invalid ``A``, ``alpha`` or ``personalization``.
+
+    Notes
+    -----
+    For :math:`\alpha < 1`, :math:`\pi (I - \alpha A) = (1-\alpha) p` [2]_. For
+    :math:`\alpha = 1`, :math:`\pi (I - A + \mathbf 1 u^\top) = u^\top` with :math:`u = \mathbf
+    1/N`, a system that is non-singular exactly when the stationary distribution is unique.
+    The solve is exact up to float64 rounding; it costs :math:`O(N^3)` per matrix, so use
+    :func:`token_rank` for speed. ``token_rank(..., method="dense")`` is this solve.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[0.5, 0.5], [0.25, 0.75]])
+    >>> stationary_dense(A, alpha=1.0)
+    tensor([0.3333, 0.6667], dtype=torch.float64)
+
+    See Also
+    --------
+    token_rank : the iterative solver; ``method="dense"`` calls this one.
+    damped : the chain whose stationary law this is.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    .. [2] Page, Brin, Motwani, Winograd, "The PageRank Citation Ranking", 1999
+       :cite:`page1999pagerank`.
+    """
+    alpha = check_fraction(alpha, "alpha")
+    return _solve_dense(prepare(A, torch.float64, atol), alpha, personalization)
+
+
+def _token_rank_dense(A, alpha, personalization, dtype, check, atol, return_info):
+    """``token_rank(method="dense")``: the float64 solve for the chain that ``as_operator``
+    makes of ``A`` (so ``A`` and ``DenseChain(A)`` agree), returned in that chain's dtype."""
+    op = as_operator(A, dtype, atol, check=check)
+    out_dtype = op.dtype
+    A64 = op.dense().to(torch.float64)
+    pi = _solve_dense(A64, alpha, personalization)
+    if not return_info:
+        return pi.to(out_dtype)
+    G = DampedChain(DenseChain(A64, check=False), alpha, personalization)
+    y = G.left(pi.unsqueeze(-2)).squeeze(-2)
+    err = (y / y.sum(-1, keepdim=True) - pi).abs().sum(-1)
+    info = {"passes": 0, "check_passes": 2 if check and not isinstance(A, ChainOperator) else 0,
+            "residual": err.to(out_dtype)}
+    return pi.to(out_dtype), info
+
+
+def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
+               max_iter: int = 1000, method: str = "krylov", dtype: Optional[torch.dtype] = None,
+               check: bool = True, atol: float = 1e-4, return_info: bool = False):
+    r"""TokenRank: the stationary distribution of the damped attention chain.
+
+    Parameters
+    ----------
+    A : Tensor, shape (..., N, N), or ChainOperator
+        Row-stochastic attention, or an operator (:mod:`attnchain.operators`), which is trusted
+        to be row-stochastic and not checked.
+    alpha : float in [0, 1]
+        Damping (0.99 in [1]_). ``alpha = 1`` solves the undamped chain and raises
+        :class:`~attnchain.errors.ReducibleChainError` when its stationary distribution is
+        not unique.
+    personalization : Tensor, shape (N,) or (..., N), optional
+        Teleport distribution ``p`` (normalised; uniform if ``None``), as in PageRank [2]_.
+    tol : float
+        Convergence tolerance on the L1 change of one damped step (Notes).
+    max_iter : int
+        Budget of passes over ``A`` (products with the chains being solved).
+    method : {"krylov", "power", "dense"}
+        ``"krylov"``: restarted GMRES [3]_ on the linear system of the Notes, verified by one
+        damped step; typically far fewer passes than power iteration. ``"power"``: power
+        iteration from ``p`` (on the lazy chain :math:`(I + A)/2` when ``alpha = 1``), the
+        classic PageRank method [2]_. ``"dense"``: the float64 solve of
+        :func:`stationary_dense` (:math:`O(N^3)`, the reference), returned in ``dtype``.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default; float64 input stays float64) or ``torch.float64``. For an
+        operator: ``None`` or the operator's dtype.
+    check : bool
+        Validate a tensor ``A`` with :func:`attnchain.check_stochastic`. Leave on unless ``A`` is
+        known to be valid.
+    atol : float
+        Row-sum tolerance of the input check.
+    return_info : bool
+        Also return a dict with ``"passes"`` (products with ``A`` in units of the whole batch,
+        checks excluded, 2 decimals; 0 for ``"dense"``), ``"check_passes"`` (passes of the input
+        check) and ``"residual"`` (final L1 change per chain, shape ``(...,)``).
+
+    Returns
+    -------
+    pi : Tensor, shape (..., N)
+        Non-negative, sums to one; batch shape = broadcast of ``A``'s and ``p``'s batch shapes.
+    info : dict
+        Only with ``return_info=True`` (above).
+
+    Raises
+    ------
+    ConvergenceError
+        (a :class:`RuntimeError`) when the L1 rule is not met within ``max_iter`` passes; it
+        carries ``passes`` and the last ``residual``.
+    ReducibleChainError
+        (a :class:`ValueError`) ``alpha = 1`` and the chain has several closed classes.
+    ValueError
+        Invalid ``A``, ``alpha``, ``personalization``, ``tol``, ``max_iter``, ``method`` or
+        ``dtype``.
+
+    Notes
+    -----
+    The damped chain :math:`A' = \alpha A + (1-\alpha)\mathbf 1 p^\top` (:func:`damped`) has a
+    unique stationary row vector :math:`\pi = \pi A'` for :math:`\alpha < 1` [2]_. Equivalently
+    :math:`\pi (I - \alpha A) = (1 - \alpha) p`, and for :math:`\alpha = 1`,
+    :math:`\pi (I - A + \mathbf 1 u^\top) = u^\top` with :math:`u = \mathbf 1 / N`
+    (non-singular iff :math:`\pi` is unique). Periodic chains need no special care: GMRES is
+    not affected by their eigenvalue :math:`-1`, and ``"power"`` with ``alpha = 1`` iterates
+    the lazy chain :math:`(I + A)/2`, which has the same stationary law and is aperiodic.
+
+    **Convergence rule** (``"krylov"`` and ``"power"``, exact): with :math:`x` the current
+    iterate, clipped at 0 and normalised to sum 1, the result is :math:`y = x A'` as soon as
+
+    .. math:: \lVert x A' - x \rVert_1 < \mathrm{tol}
+
+    holds for every chain in the batch, where :math:`x A'` is renormalised to sum 1 (a no-op
+    for exactly stochastic ``A``; it keeps row sums that are 1 only up to rounding from setting
+    a floor on the change). One damped step then changes the answer by less than ``tol`` in L1
+    (networkx's ``pagerank`` tests the same quantity against ``N * tol``). Since one step
+    contracts differences of distributions by :math:`\alpha` in L1, the distance to
+    :math:`\pi` is at most :math:`\alpha\,\mathrm{tol}/(1-\alpha)` for :math:`\alpha < 1`, and
+    in practice far less. The result does not depend on how the batch is split for the
+    computation, and ``A`` and ``DenseChain(A)`` give identical results.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    >>> token_rank(A, alpha=1.0)
+    tensor([0.3333, 0.6667])
+    >>> token_rank(A, alpha=1.0, method="dense", dtype=torch.float64)
+    tensor([0.3333, 0.6667], dtype=torch.float64)
+
+    See Also
+    --------
+    stationary_dense : the float64 reference (``method="dense"``).
+    damped : the damped chain.
+    attnchain.operators.DampedChain : the damped chain as an operator.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    .. [2] Page, Brin, Motwani, Winograd, "The PageRank Citation Ranking", 1999
+       :cite:`page1999pagerank`.
+    .. [3] Saad, Schultz, "GMRES: A generalized minimal residual algorithm for solving
+       nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 7(3), 1986.
+    """
+    alpha = check_fraction(alpha, "alpha")
+    check_choice(method, "method", TOKEN_RANK_METHODS)
+    check_positive(tol, "tol")
+    check_int(max_iter, "max_iter")
+    if method == "dense":
+        return _token_rank_dense(A, alpha, personalization, dtype, check, atol, return_info)
+    if isinstance(A, ChainOperator):
+        op, late_check, check = as_operator(A, dtype), False, False
+    else:
+        A = as_tensor(A, "A")
+        check_square(A)
+        # the check runs group by group, just before each group's first product;
+        # half-precision input is checked up front, before its rows are renormalised
+        late_check = check and A.dtype in (torch.float32, torch.float64)
+        op = DenseChain(A, dtype, atol, check=check and not late_check)
+    chain = DampedChain(op, alpha, personalization)
+    if alpha == 1.0:
+        if late_check:  # the closed-class check needs a valid chain
+            check_rows(op.A, atol)
+            late_check = False
+        _check_unique(op.dense())
+    batch, N = chain.batch_shape, chain.n
+    flat = chain.reshape(-1)
+    x, err, passes = gmres.stationary(flat, tol, max_iter, method, TOKEN_RANK_GROUP_BYTES,
+                                      late_row_check(flat.op.A, atol) if late_check else None)
+    pi = x.reshape(*batch, N)
+    if return_info:
+        info = {"passes": round(passes, 2), "check_passes": 2 if check else 0,
+                "residual": err.reshape(batch)}
+        return pi, info
+    return pi
