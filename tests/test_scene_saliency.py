@@ -202,3 +202,20 @@ def test_scores_of_upsampled_maps():
     sc = metrics.foreground_scores(near, near.bool())
     assert sc["ap"][0] == pytest.approx(1.0) and sc["iou_best"][0] == 1.0
     assert sc["iou_otsu"][0] == pytest.approx(1.0)
+
+
+def test_evaluate_on_a_grid_that_does_not_divide_the_scene():
+    """A ViT whose 5 x 5 grid does not divide the 64-pixel scenes (as DINOv2's 37 x 37)."""
+    import timm
+
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=70, patch_size=14,
+                            depth=1, num_classes=0).eval()
+    pre = whole_image_preprocess(net)
+    t = ss.evaluate("grid-5x5", "easy", n=3, batch_size=3, progress=False, model=(net, pre))
+    w = _wide(t)
+    fg = scenes.benchmark("easy", n=3).masks > 0
+    ceiling = readouts.upsample(scenes.mask_to_grid(fg, (5, 5)).float(), (64, 64), "bilinear")
+    np.testing.assert_allclose(w[("gt_grid", "-", "ap")].to_numpy(),
+                               metrics.foreground_scores(ceiling, fg)["ap"], rtol=1e-6)
+    assert (w[("gt_grid", "-", "ap")] < 1).all()  # a 5 x 5 grid cannot draw the pixel mask
+    assert np.isfinite(w[("retention", "uniform", "retention")].astype(float)).any()

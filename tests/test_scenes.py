@@ -159,3 +159,46 @@ def test_patch_objects_majority_vote():
     masks[0, 4:8, 4:6] = 2  # object 2 = half of patch (1, 1): not more than half
     masks[0, 0:4, 4:7] = 2  # 12 of 16 pixels of patch (0, 1)
     assert scenes.patch_objects(masks, 4).tolist() == [[[1, 2], [0, 0]]]
+
+
+def _area_share_reference(mask, grid):
+    """Exact area shares: nearest-upsample to a common multiple of both sizes, then block means."""
+    (H, W), (r, c) = mask.shape, grid
+    ly, lx = np.lcm(H, r), np.lcm(W, c)
+    up = np.repeat(np.repeat(np.asarray(mask, dtype=np.float64), ly // H, 0), lx // W, 1)
+    return up.reshape(r, ly // r, c, lx // c).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("grid", [(37, 37), (5, 7), (64, 64), (1, 1), (3, 64)])
+def test_mask_to_grid_exact_area_shares_on_any_grid(grid):
+    masks = scenes.benchmark("hard", n=2).masks
+    got = scenes.mask_to_grid(masks > 0, grid)
+    for m, g in zip(masks, got):
+        np.testing.assert_allclose(g.numpy(), _area_share_reference(m > 0, grid), atol=1e-12)
+    # fractions of the whole image are kept: the grid mean is the foreground fraction
+    np.testing.assert_allclose(got.mean((-2, -1)).numpy(), (masks > 0).double().mean((-2, -1)))
+
+
+def test_patch_ground_truth_on_a_grid_that_does_not_divide():
+    """Regression (issue 18): DINOv2's 37 x 37 grid on a 64-pixel scene.
+
+    The old code took ``patch = 64 // 37 = 1`` and so scored the pixel mask as the patch-grid
+    ceiling; the grid ground truth must be the 37 x 37 area shares instead."""
+    masks = scenes.benchmark("easy", n=3).masks
+    fg = scenes.patch_foreground(masks, grid=(37, 37))
+    assert fg.shape == (3, 37, 37) and fg.dtype == torch.float32
+    ref = np.stack([_area_share_reference(m > 0, (37, 37)) for m in masks])
+    np.testing.assert_allclose(fg.numpy(), ref, atol=1e-6)
+    assert ((fg > 0) & (fg < 1)).any()  # cells cut by object edges: not a pixel mask
+    obj = scenes.patch_objects(masks, grid=(37, 37))
+    for b, m in enumerate(masks):
+        for o in range(1, int(m.max()) + 1):
+            share = _area_share_reference(m == o, (37, 37))
+            assert torch.equal(obj[b] == o, torch.from_numpy(share > 0.5))
+    # a grid that divides is the patch size, bit for bit
+    assert torch.equal(scenes.patch_foreground(masks, grid=(8, 8)), scenes.patch_foreground(masks, 8))
+    assert torch.equal(scenes.patch_objects(masks, grid=(8, 8)), scenes.patch_objects(masks, 8))
+    with pytest.raises(ValueError, match="pass grid"):
+        scenes.patch_foreground(masks, 37)
+    with pytest.raises(ValueError, match="grid must be"):
+        scenes.patch_objects(masks, grid=(0, 3))

@@ -465,10 +465,38 @@ def centre_prior(n: int, size: int = IMAGE_SIZE, sigma: float = 0.25) -> torch.T
     return g.expand(n, size, size).clone()
 
 
-def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
-    """Fraction of object pixels in each patch: ``(..., H, W)`` masks -> ``(..., H/p, W/p)``.
+def _grid_arg(shape, patch_size, grid):
+    """The patch size when it tiles ``shape`` (``patch_size`` or ``grid`` given), else None."""
+    h, w = shape
+    if grid is None:
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"mask size {(h, w)} is not divisible by patch_size {patch_size}; "
+                             f"pass grid=(rows, cols) to area-average onto any grid")
+        return patch_size
+    r, c = (int(g) for g in grid)
+    if r < 1 or c < 1:
+        raise ValueError(f"grid must be two positive ints, got {grid!r}")
+    return h // r if h % r == 0 and w % c == 0 and h // r == w // c else None
+
+
+def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE, *,
+                     grid=None) -> torch.Tensor:
+    """Fraction of object pixels in each patch: ``(..., H, W)`` masks -> ``(..., rows, cols)``.
 
     This is the ground truth on the token grid (the best any patch-level map can do).
+
+    Parameters
+    ----------
+    masks : Tensor, shape (..., H, W)
+        Instance ids (or 0/1), 0 = background.
+    patch_size : int
+        Patch side in pixels; it must divide ``H`` and ``W``.
+    grid : (int, int), optional
+        The token grid instead of a patch size, for grids that do not divide the image (DINOv2's
+        37 x 37 on a 64-pixel scene): each cell is the exact area share of the foreground in it
+        (:func:`mask_to_grid`); a grid that does divide gives the same as its ``patch_size``.
 
     Examples
     --------
@@ -478,17 +506,20 @@ def patch_foreground(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch
     >>> patch_foreground(masks, 2)
     tensor([[[0.5000, 0.0000],
              [0.0000, 0.0000]]])
+    >>> patch_foreground(masks, grid=(3, 3)).shape
+    torch.Size([1, 3, 3])
 
     See Also
     --------
     mask_to_grid, patch_objects
     """
+    p = _grid_arg(masks.shape[-2:], patch_size, grid)
+    if p is None:
+        return mask_to_grid(masks > 0, grid).to(torch.float32)
     h, w = masks.shape[-2:]
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"mask size {(h, w)} is not divisible by patch_size {patch_size}")
     fg = (masks > 0).float()
     lead = fg.shape[:-2]
-    fg = fg.reshape(*lead, h // patch_size, patch_size, w // patch_size, patch_size)
+    fg = fg.reshape(*lead, h // p, p, w // p, p)
     return fg.mean(dim=(-3, -1))
 
 
@@ -500,8 +531,10 @@ def mask_to_grid(mask, grid) -> torch.Tensor:
     mask : Tensor or array_like, shape (..., H, W)
         Masks (any device); True / 1 = inside.
     grid : (int, int)
-        The patch grid ``(h, w)``; it need not divide ``(H, W)``
-        (:func:`torch.nn.functional.adaptive_avg_pool2d`).
+        The patch grid ``(h, w)``; it need not divide ``(H, W)``: cell ``(i, j)`` covers the
+        rectangle ``[i H / h, (i + 1) H / h) x [j W / w, (j + 1) W / w)`` and its value is the
+        exact area share of the mask inside it (pixels cut by a cell edge count by the part
+        inside), which is what a model sees after resizing the image to ``h`` x ``w`` patches.
 
     Returns
     -------
@@ -530,13 +563,29 @@ def mask_to_grid(mask, grid) -> torch.Tensor:
     m = m.to(torch.float64)
     if m.ndim < 2:
         raise ValueError(f"mask_to_grid: expected (..., H, W) masks, got shape {tuple(m.shape)}")
-    lead = m.shape[:-2]
-    flat = m.reshape(-1, 1, *m.shape[-2:])
-    out = torch.nn.functional.adaptive_avg_pool2d(flat, tuple(int(g) for g in grid))
-    return out.reshape(*lead, *out.shape[-2:])
+    (H, W), (r, c) = m.shape[-2:], (int(g) for g in grid)
+    if H % r == 0 and W % c == 0:  # whole pixels per patch: the block mean
+        flat = m.reshape(-1, 1, H, W)
+        out = torch.nn.functional.adaptive_avg_pool2d(flat, (r, c))
+        return out.reshape(*m.shape[:-2], r, c)
+    return _overlap(r, H, m.device) @ m @ _overlap(c, W, m.device).T
 
 
-def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+def _overlap(cells: int, pixels: int, device) -> torch.Tensor:
+    """(cells, pixels) share of pixel ``j`` in cell ``i`` when ``cells`` cells tile ``pixels``.
+
+    Cell ``i`` covers ``[i P / C, (i + 1) P / C)`` in pixel units; row ``i`` holds the length of
+    its overlap with each pixel ``[j, j + 1)``, divided by the cell length ``P / C``.
+    """
+    edges = torch.arange(cells + 1, dtype=torch.float64, device=device) * (pixels / cells)
+    j = torch.arange(pixels, dtype=torch.float64, device=device)
+    lo = torch.maximum(edges[:-1, None], j[None])
+    hi = torch.minimum(edges[1:, None], j[None] + 1)
+    return (hi - lo).clamp_min(0) * (cells / pixels)
+
+
+def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE, *,
+                  grid=None) -> torch.Tensor:
     """Object id of each patch: the instance covering more than half of its pixels, else 0.
 
     Parameters
@@ -544,11 +593,14 @@ def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Te
     masks : LongTensor, shape (B, H, W)
         Instance ids, 0 = background.
     patch_size : int
-        Patch side in pixels.
+        Patch side in pixels; it must divide ``H`` and ``W``.
+    grid : (int, int), optional
+        The token grid instead of a patch size, for grids that do not divide the image: the
+        covered fractions are exact area shares (:func:`mask_to_grid`).
 
     Returns
     -------
-    LongTensor, shape (B, H / patch_size, W / patch_size)
+    LongTensor, shape (B, rows, cols)
         On the masks' device.
 
     Examples
@@ -560,14 +612,20 @@ def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Te
     >>> patch_objects(masks, 2)
     tensor([[[1, 0],
              [0, 0]]])
+    >>> patch_objects(masks, grid=(3, 3))[0, 0, 0].item()
+    1
 
     See Also
     --------
     patch_foreground, mask_to_grid
     """
+    p = _grid_arg(masks.shape[-2:], patch_size, grid)
     k = int(masks.max()) + 1
     oh = torch.nn.functional.one_hot(masks, k).float().permute(0, 3, 1, 2)  # (B, k, H, W)
-    frac = torch.nn.functional.avg_pool2d(oh, patch_size)  # (B, k, r, c)
+    if p is None:
+        frac = mask_to_grid(oh, grid).to(torch.float32)
+    else:
+        frac = torch.nn.functional.avg_pool2d(oh, p)  # (B, k, r, c)
     frac[:, 0] = 0.0
     val, idx = frac.max(1)
     return torch.where(val > 0.5, idx, torch.zeros_like(idx))

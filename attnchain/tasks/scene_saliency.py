@@ -184,8 +184,7 @@ def _batch_rows(model, preprocess, sc, items, layer, max_bounces: int, mode: str
     maps, states = saliency_maps(A, layout, max_bounces=max_bounces, lam2=l2)
     maps["colour_contrast/-"] = scenes_mod.colour_contrast(sc.images.to(A.device))
     maps["centre_prior/-"] = scenes_mod.centre_prior(len(sc), size=H_img).to(A.device)
-    patch = H_img // grid[0]
-    maps["gt_grid/-"] = scenes_mod.patch_foreground(masks, patch)
+    maps["gt_grid/-"] = scenes_mod.patch_foreground(masks, grid=grid)
     out = []
 
     def add(method, weighting, metric, values):
@@ -199,7 +198,7 @@ def _batch_rows(model, preprocess, sc, items, layer, max_bounces: int, mode: str
             pix = readouts.upsample(m, (H_img, W_img), "nearest")
         for metric, vals in metrics.foreground_scores(pix, fg, binary=binary).items():
             add(method, w, metric, vals)
-    objects = scenes_mod.patch_objects(masks, patch)
+    objects = scenes_mod.patch_objects(masks, grid=grid)
     img = list(layout.image)
     for w in HEAD_WEIGHTINGS:
         add("metastable", w, "obj_iou", metrics.object_iou(states[w], masks))
