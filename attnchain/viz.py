@@ -231,9 +231,54 @@ def patch_map(v, grid: tuple[int, int], prefix: int = 0) -> np.ndarray:
     return x.reshape(h, w)
 
 
+def _into_box(m: np.ndarray, shape, box, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize map ``m`` onto ``box`` = (top, left, height, width) of an image of ``shape``.
+
+    Returns the map on the image's pixels and the mask of the pixels inside the box."""
+    from skimage.transform import resize
+
+    H, W = shape[:2]
+    if box is None:
+        box = (0, 0, H, W)
+    top, left, h, w = (float(b) for b in box)
+    R0, C0 = int(round(top)), int(round(left))               # the box on whole pixels
+    R1, C1 = int(round(top + h)), int(round(left + w))
+    r0, c0, r1, c1 = max(R0, 0), max(C0, 0), min(R1, H), min(C1, W)  # its part in the image
+    if r1 <= r0 or c1 <= c0:
+        raise ValueError(f"box {tuple(box)} does not overlap the {H} x {W} image")
+    big = resize(m, (R1 - R0, C1 - C0), order=order, mode="edge", anti_aliasing=False,
+                 preserve_range=True)
+    out = np.zeros((H, W), dtype=big.dtype)
+    out[r0:r1, c0:c1] = big[r0 - R0:r1 - R0, c0 - C0:c1 - C0]
+    inside = np.zeros((H, W), dtype=bool)
+    inside[r0:r1, c0:c1] = True
+    return out, inside
+
+
+def _outline(ax, box, shape):
+    if box is not None and tuple(float(b) for b in box) != (0.0, 0.0, *map(float, shape[:2])):
+        from matplotlib.patches import Rectangle
+
+        top, left, h, w = box
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), w, h, fill=False, ls="--", lw=0.8,
+                               ec="white"))
+
+
 def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno",
-            title: str | None = None, normalize: bool = True):
+            title: str | None = None, normalize: bool = True, box=None):
     """Draw an ``(h, w)`` map, upsampled (bilinear) over an image when one is given.
+
+    Parameters
+    ----------
+    heat : array_like or Tensor, shape (h, w)
+        The patch map (any device).
+    image : optional
+        The photo under it (PIL, array or tensor).
+    box : (top, left, height, width), optional
+        The part of ``image`` the model saw, in its pixels: ``preprocess.crop_box(image)`` of
+        a :func:`attnchain.zoo.load` preprocess (timm's evaluation transforms centre-crop
+        non-square photos). The map is drawn over that box only, outlined; default the whole
+        image.
 
     Examples
     --------
@@ -244,7 +289,7 @@ def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno
 
     See Also
     --------
-    patch_map, show_labels
+    patch_map, show_labels, attnchain.zoo.images.crop_box
     """
     plt = _plt()
     hm = to_numpy(heat)
@@ -257,12 +302,11 @@ def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno
         _, ax = plt.subplots(figsize=(3, 3))
     img = _as_image(image)
     if img is not None:
-        from skimage.transform import resize
-
-        big = resize(hm, img.shape[:2], order=1, mode="edge", anti_aliasing=False)
+        big, inside = _into_box(hm, img.shape, box, order=1)
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
-        ax.imshow(big, cmap=cmap, alpha=alpha, vmin=0 if normalize else None,
-                  vmax=1 if normalize else None)
+        ax.imshow(np.ma.masked_array(big, ~inside), cmap=cmap, alpha=alpha,
+                  vmin=0 if normalize else None, vmax=1 if normalize else None)
+        _outline(ax, box, img.shape)
     else:
         ax.imshow(hm, cmap=cmap, interpolation="nearest", vmin=0 if normalize else None,
                   vmax=1 if normalize else None)
@@ -289,8 +333,12 @@ def label_colors(k: int) -> np.ndarray:
     return np.asarray(sns.color_palette("husl", max(int(k), 1)))
 
 
-def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | None = None):
+def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | None = None,
+                box=None):
     """Draw an ``(h, w)`` integer label map (e.g. metastable states), over an image if given.
+
+    ``box`` = (top, left, height, width): the part of ``image`` the model saw (see
+    :func:`overlay`); default the whole image.
 
     Examples
     --------
@@ -313,12 +361,12 @@ def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | No
     rgb = cols[lab]
     img = _as_image(image)
     if img is not None:
-        from skimage.transform import resize
-
-        big = resize(lab, img.shape[:2], order=0, preserve_range=True,
-                     anti_aliasing=False).astype(np.int64)
-        base = img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
-        ax.imshow((1 - alpha) * base[..., :3] + alpha * cols[big])
+        big, inside = _into_box(lab, img.shape, box, order=0)
+        big = big.astype(np.int64)
+        base = (img if img.ndim == 3 else np.repeat(img[..., None], 3, -1))[..., :3]
+        a = np.where(inside, alpha, 0.0)[..., None]
+        ax.imshow((1 - a) * base + a * cols[big])
+        _outline(ax, box, img.shape)
     else:
         ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()

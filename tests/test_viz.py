@@ -118,3 +118,51 @@ def test_plots_take_tensors_that_refuse_numpy(monkeypatch):
     viz.bounce_strip(a, steps=[0, 1])
     viz.lambda2_heatmap(a)
     viz.token_heat(list("abcd"), a[0])
+
+
+def test_overlay_on_a_non_square_photo_matches_the_models_crop():
+    """timm's evaluation transform keeps the centre square of a wide photo; the overlay must be
+    drawn over that square, not stretched over the whole photo (issue 18)."""
+    import attnchain.zoo
+    from timm.data import resolve_data_config
+
+    net, pre = attnchain.zoo.load("tiny-timm-vit")
+    H, W = 60, 150
+    ramp = np.tile(np.linspace(0, 1, W)[None, :, None], (H, 1, 3))  # value = column / (W - 1)
+    top, left, h, w = pre.crop_box(ramp)
+    assert (top, h) == (0.0, 60.0) and w == pytest.approx(60.0, abs=0.5)
+    assert left == pytest.approx((W - w) / 2, abs=1.0)
+    # what the model saw: undo the normalisation and read the ramp on its interior columns
+    cfg = resolve_data_config({}, model=net)
+    x = pre(ramp)[0].cpu() * torch.tensor(cfg["std"])[:, None, None] \
+        + torch.tensor(cfg["mean"])[:, None, None]
+    S = x.shape[-1]
+    cols = np.arange(2, S - 2)
+    expected = (left + (cols + 0.5) * w / S - 0.5) / (W - 1)
+    np.testing.assert_allclose(x[0, S // 2, 2:S - 2].numpy(), expected, atol=0.02)
+    # the overlay's map covers exactly the box; outside it the photo shows through
+    heat = np.arange(16.0).reshape(4, 4)
+    ax = viz.overlay(heat, ramp, box=(top, left, h, w))
+    shown = ax.images[-1].get_array()
+    assert shown.shape == (H, W)
+    inside = ~np.ma.getmaskarray(shown)
+    c0, c1 = int(round(left)), int(round(left + w))
+    assert inside[:, c0:c1].all() and not inside[:, :c0].any() and not inside[:, c1:].any()
+    assert shown[0, c0] == 0 and shown[-1, c1 - 1] == 1  # the map's corners at the box's corners
+    lab = viz.show_labels(np.array([[0, 1], [1, 0]]), ramp, box=(top, left, h, w))
+    rgb = lab.images[-1].get_array()
+    np.testing.assert_allclose(rgb[:, :c0], ramp[:, :c0])  # outside: the photo unchanged
+    for box in [(0.0, 75.36, 300.0, 300.28), (-3.4, 10.6, 70.2, 99.5)]:  # fractional boxes
+        viz.overlay(heat, ramp, box=box)
+        viz.show_labels(np.array([[0, 1], [1, 0]]), ramp, box=box)
+    with pytest.raises(ValueError, match="does not overlap"):
+        viz.overlay(heat, ramp, box=(0, W + 5, 10, 10))
+
+
+def test_whole_image_preprocesses_see_the_whole_photo():
+    import attnchain.zoo
+
+    photo = np.zeros((60, 150, 3))
+    for name in ("feature-attention", "scene-vit"):
+        _, pre = attnchain.zoo.load(name)
+        assert pre.crop_box(photo) == (0.0, 0.0, 60.0, 150.0)

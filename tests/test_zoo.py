@@ -192,3 +192,18 @@ def test_full_timm_loader_uses_timm_data_config(monkeypatch):
     grey = pre(np.full((300, 300, 3), 0.5))
     want = (torch.tensor([128 / 255] * 3) - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
     torch.testing.assert_close(grey[0, :, 100, 100], want.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("gpu, host_gb, expected", [
+    ("H100", 200, "gpu"), ("A100", 83, "model_offload"), ("L4", 53, "sequential_offload"),
+    ("T4", 12.7, None)])
+def test_flux_placement_on_colab_runtimes(gpu, host_gb, expected):
+    """FLUX.1-schnell (31 GiB of bf16 weights) on each Colab GPU runtime, before any download."""
+    from attnchain.testing.strict_cuda import GPUS
+
+    gpu_bytes, host = GPUS[gpu].total_memory, int(host_gb * 1e9)
+    if expected is None:
+        with pytest.raises(zoo.UnavailableModelError, match="host RAM"):
+            registry.flux_placement(gpu_bytes, host)
+    else:
+        assert registry.flux_placement(gpu_bytes, host) == expected

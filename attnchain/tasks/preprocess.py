@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..zoo.images import whole_image_box
+
 __all__ = ["whole_image_preprocess"]
 
 
@@ -58,4 +60,5 @@ def whole_image_preprocess(net):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
         return ((x - mean) / std).to(p.dtype)
 
+    preprocess.crop_box = whole_image_box  # resized whole: the model sees all of it
     return preprocess

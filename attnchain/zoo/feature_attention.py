@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .images import to_chw_float
+from .images import to_chw_float, whole_image_box
 
 from attnchain.capture.probe import AttentionProbs
 
@@ -455,6 +455,7 @@ def make_preprocess(device=None, unit: int = PATCH_SIZES[1], max_grid: int = MAX
 
     preprocess.unit = unit
     preprocess.max_grid = max_grid
+    preprocess.crop_box = whole_image_box  # resized whole: the model sees all of it
     return preprocess
 
 

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from attnchain.errors import UnavailableModelError
+from attnchain.zoo.images import crop_box, image_size, whole_image_box
 
-__all__ = ["profile", "weights", "load", "available", "describe", "ModelEntry", "UnavailableModelError",
-           "REGISTRY", "hub_reachable"]
+__all__ = ["profile", "weights", "load", "available", "describe", "ModelEntry",
+           "UnavailableModelError", "REGISTRY", "hub_reachable", "flux_placement"]
 
 PROFILES = ("offline", "full")
 HUB_URL = "https://huggingface.co"
@@ -160,6 +161,11 @@ def image_preprocess(transform: Callable, device: torch.device, dtype=None) -> C
         items, _ = _as_list(images)
         batch = torch.stack([transform(to_pil(im)) for im in items])
         return batch.to(device=device, dtype=dtype or torch.float32)
+
+    def box(image) -> tuple:
+        """``(top, left, height, width)`` of ``image`` that the model sees (after the crop)."""
+        return crop_box(transform, *image_size(to_pil(image)))
+    preprocess.crop_box = box
     return preprocess
 
 
@@ -280,6 +286,7 @@ def _load_tiny_hf_vit(device):
         items, _ = _as_list(images)
         out = proc(images=[to_pil(im) for im in items], return_tensors="pt")
         return out["pixel_values"].to(device)
+    preprocess.crop_box = whole_image_box  # ViTImageProcessor resizes to a square, no crop
     return model, preprocess
 
 
@@ -389,6 +396,52 @@ def _timm_loader(timm_name: str) -> Callable:
     return load
 
 
+#: bf16 sizes of FLUX.1-schnell's parts, from their parameter counts (12B transformer, 4.8B T5-XXL
+#: encoder, CLIP-L and the VAE): GiB.
+FLUX_GIB = {"transformer": 22.2, "text_encoder_2": 8.9, "text_encoder": 0.23, "vae": 0.16}
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def flux_placement(gpu_bytes: int, host_bytes: int) -> str:
+    """Where FLUX.1-schnell's weights live on a GPU with ``gpu_bytes`` and ``host_bytes`` of RAM.
+
+    ``"gpu"``: all parts on the GPU (about 31 GiB of weights, plus activations: 48 GiB and more,
+    an 80 GB A100 or H100). ``"model_offload"``: diffusers' ``enable_model_cpu_offload``, one part
+    on the GPU at a time; the 22 GiB transformer and its activations need about 26 GiB (a 40 GB
+    A100). ``"sequential_offload"``: ``enable_sequential_cpu_offload``, weights streamed layer
+    by layer (any GPU, much slower), which needs host RAM for all 31 GiB of weights (Colab's L4
+    runtime has 53 GB).
+
+    Raises
+    ------
+    UnavailableModelError
+        Host RAM below the weights: a standard Colab T4 runtime (12.7 GB) cannot hold them.
+
+    Examples
+    --------
+    >>> GiB = 2 ** 30
+    >>> flux_placement(80 * GiB, 200 * GiB), flux_placement(40 * GiB, 83 * GiB)
+    ('gpu', 'model_offload')
+    >>> flux_placement(int(22.5 * GiB), 53 * GiB)      # an L4 runtime
+    'sequential_offload'
+    """
+    GiB = 2 ** 30
+    weights = sum(FLUX_GIB.values()) * GiB
+    if gpu_bytes >= 48 * GiB:
+        return "gpu"
+    if host_bytes < weights * 1.05:
+        raise UnavailableModelError(
+            f"flux-schnell: its bf16 weights ({weights / GiB:.0f} GiB) do not fit this machine's "
+            f"{host_bytes / GiB:.1f} GiB of host RAM next to a {gpu_bytes / GiB:.0f} GiB GPU; "
+            "use a runtime with an A100 (40 GB or more) or an L4 with 53 GB of RAM")
+    if gpu_bytes >= 26 * GiB:
+        return "model_offload"
+    return "sequential_offload"
+
+
 def _diffusers_loader(pipeline: str, repo: str) -> Callable:
     def load(device):
         import diffusers
@@ -396,10 +449,15 @@ def _diffusers_loader(pipeline: str, repo: str) -> Callable:
         dtype = torch.float16 if pipeline == "StableDiffusionPipeline" else torch.bfloat16
         if device.type != "cuda":
             dtype = torch.float32
+        placement = "gpu"
+        if pipeline == "FluxPipeline" and device.type == "cuda":
+            placement = flux_placement(torch.cuda.get_device_properties(device).total_memory,
+                                       _host_memory())  # before a 33 GB download
         pipe = cls.from_pretrained(repo, torch_dtype=dtype)
-        if pipeline == "FluxPipeline" and device.type == "cuda" and \
-                torch.cuda.get_device_properties(device).total_memory < 40 * 2 ** 30:
-            pipe.enable_model_cpu_offload()   # FLUX does not fit next to its text encoders on a T4
+        if placement == "model_offload":
+            pipe.enable_model_cpu_offload(device=device)
+        elif placement == "sequential_offload":
+            pipe.enable_sequential_cpu_offload(device=device)
         else:
             pipe = pipe.to(device)
         for m in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
@@ -461,7 +519,8 @@ def _entries() -> dict[str, ModelEntry]:
                    _diffusers_loader("StableDiffusionPipeline",
                                      "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                    "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        ModelEntry("flux-schnell", "full", "diffusion", "FLUX.1 [schnell] pipeline (diffusers)",
+        ModelEntry("flux-schnell", "full", "diffusion", "FLUX.1 [schnell] pipeline (diffusers); an A100, "
+                   "or an L4 with sequential offload (see flux_placement)",
                    _diffusers_loader("FluxPipeline", "black-forest-labs/FLUX.1-schnell"),
                    "black-forest-labs/FLUX.1-schnell"),
     ]

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .images import to_chw_float
+from .images import to_chw_float, whole_image_box
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -146,6 +146,7 @@ def make_preprocess(config: dict | None = None, device=None):
         return t.to(device) if device is not None else t
 
     preprocess.image_size = size
+    preprocess.crop_box = whole_image_box  # resized whole: the model sees all of it
     return preprocess
 
 
