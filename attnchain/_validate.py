@@ -166,18 +166,23 @@ def check_fraction(value, name: str, closed: bool = True, where: str = "") -> fl
     return x
 
 
+def _nonnegative_rows(x: torch.Tensor, N: int, name: str) -> torch.Tensor:
+    """``x`` if it is ``(..., N)``, finite and nonnegative; else a ValueError naming ``name``."""
+    if x.ndim == 0 or x.shape[-1] != N:
+        raise ValueError(f"{name} must have last dim N = {N}, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf entries")
+    if (x < 0).any():
+        raise ValueError(f"{name} has negative entries; it must be a probability distribution")
+    return x
+
+
 def check_personalization(p, N: int, dtype, device) -> torch.Tensor:
     """The teleport distribution ``(..., N)`` (uniform for ``None``), normalised to sum 1."""
     if p is None:
         return torch.full((N,), 1.0 / N, dtype=dtype, device=device)
-    p = as_tensor(p, "personalization").to(device=device, dtype=dtype)
-    if p.ndim == 0 or p.shape[-1] != N:
-        raise ValueError(f"personalization must have last dim N = {N}, got shape "
-                         f"{tuple(p.shape)}")
-    if not torch.isfinite(p).all():
-        raise ValueError("personalization contains NaN or Inf entries")
-    if (p < 0).any():
-        raise ValueError("personalization has negative entries")
+    p = _nonnegative_rows(as_tensor(p, "personalization").to(device=device, dtype=dtype), N,
+                          "personalization")
     s = p.sum(-1, keepdim=True)
     if (s == 0).any():
         raise ValueError("personalization sums to 0; it must put mass on some token")
@@ -201,14 +206,7 @@ def start_distribution(start, N: int, dtype, device, atol: float) -> torch.Tenso
         if ((s < -N) | (s >= N)).any():
             raise ValueError(f"start indices out of range for N = {N} tokens")
         return torch.nn.functional.one_hot(s.long() % N, N).to(dtype)
-    s = s.to(dtype)
-    if s.ndim == 0 or s.shape[-1] != N:
-        raise ValueError(f"start distribution must have last dim N = {N}, got shape "
-                         f"{tuple(s.shape)}")
-    if not torch.isfinite(s).all():
-        raise ValueError("start contains NaN or Inf entries")
-    if (s < 0).any():
-        raise ValueError("start has negative entries; it must be a probability distribution")
+    s = _nonnegative_rows(s.to(dtype), N, "start")
     dev = (s.sum(-1) - 1).abs()
     if (dev > atol).any():
         raise ValueError(f"start does not sum to 1 (max |sum - 1| = {dev.max().item():.3g})")

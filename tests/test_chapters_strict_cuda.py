@@ -29,7 +29,7 @@ SMOKE = {
     "03_multi_bounce": {"N_SCENES": 2},
     "04_tokenrank_pagerank": {"PHOTOS": ["coffee", "chelsea"]},
     "05_lambda2_heads": {"N_SCENES": 2, "LAYERS": [5, 11]},
-    "07_offline_vision": {"LEVELS": ["easy"], "N_SCENES": 4, "BATCH_SIZE": 4, "N_BOOT": 200},
+    "07_offline_vision": {"LEVELS": ["easy"], "N_SCENES": 4, "N_BOOT": 200},
 }
 
 STRICT_CELL = """\
