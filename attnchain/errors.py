@@ -5,8 +5,8 @@ Every error the package raises on purpose is either a :class:`ValueError` that n
 class a caller would catch without knowing attnchain (``ValueError``, ``RuntimeError``,
 ``ImportError``), so ``except ValueError`` keeps working.
 
-Examples
---------
+**Examples**
+
 >>> import torch, attnchain as ac
 >>> try:
 ...     ac.token_rank(torch.eye(3), alpha=1.0)

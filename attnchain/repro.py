@@ -5,14 +5,14 @@ evaluation on the task runner (:class:`attnchain.tasks.Runner`), resumably: resu
 per batch into ``--results-dir``, so an interrupted run continues where it stopped, and the
 chapter reads the same files when pointed at them (``ATTNCHAIN_CACHE``).
 
-Tasks
------
+**Tasks**
+
 ``scene_saliency``
     Chapter 7: every method on the held-out synthetic scenes
     (:func:`attnchain.tasks.scene_saliency.evaluate`), printed as mean AP per method and weighting.
 
-Examples
---------
+**Examples**
+
 >>> main(["scene_saliency", "--models", "feature-attention", "--levels", "easy", "--n", "2",
 ...       "--no-progress"])  # doctest: +ELLIPSIS
 === feature-attention | easy | 2 scenes ...

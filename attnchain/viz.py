@@ -6,8 +6,8 @@ Everything here draws; the Markov-chain math lives in the package's top-level AP
 tensors on any device (and arrays) and converts them to NumPy itself (:func:`to_numpy`), so a
 chapter hands its tensors to the plots as they are.
 
-Static mode
------------
+**Static mode**
+
 :func:`explorer` and :func:`attention_explorer` show ``ipywidgets`` controls in a live kernel
 (Jupyter, Colab). When the environment variable ``ATTNCHAIN_STATIC=1`` is set (the test suite and
 the book build set it), or ``ipywidgets`` is not installed, they draw one static figure with the

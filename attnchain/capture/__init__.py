@@ -18,8 +18,8 @@ Layout of the package:
 - ``attnchain.capture.adapters``: one module per architecture (timm ViT, transformers encoders,
   diffusers UNet and FLUX, AttentionProbs).
 
-References
-----------
+**References**
+
 Erel et al., "Attention (as Discrete-Time Markov) Chains" :cite:`erel2025attention`.
 """
 from __future__ import annotations

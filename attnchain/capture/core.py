@@ -7,8 +7,8 @@ the adapters that handle a model, resolves ``layers=``, registers the hooks, han
 :math:`\operatorname{softmax}(s\,QK^\top + M)` through :func:`attnchain.operators.attention_probs`)
 and removes every hook again, in one loop, also after an exception.
 
-Writing an adapter
-------------------
+**Writing an adapter**
+
 An adapter is a module (or any object) with these functions; only the first three are required.
 
 ``matches(model) -> bool``

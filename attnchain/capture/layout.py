@@ -4,8 +4,8 @@ Every record of :func:`attnchain.capture` comes with the :class:`TokenLayout` of
 key) sequence, so that read-outs can restrict a chain to the image tokens or start a bounce at the
 CLS token without knowing the architecture.
 
-Examples
---------
+**Examples**
+
 >>> from attnchain.capture import TokenLayout
 >>> lay = TokenLayout.from_spec({"cls": (0, 1), "image": (1, 5), "grid": (2, 2)}, n=5)
 >>> lay.cls, lay.image, lay.grid

@@ -11,8 +11,8 @@ results file as it goes, and on the next run computes only what is missing. :fun
 and :func:`compare` turn a table into means with bootstrap confidence intervals
 (:func:`attnchain.metrics.bootstrap_ci`, :func:`attnchain.metrics.paired_bootstrap_ci`).
 
-Results file
-------------
+**Results file**
+
 JSON lines. The first line is a header ``{"task", "version", "settings", "columns"}``; every
 further line holds one finished item, ``{"item": ..., "rows": [[<id columns>, method, weighting,
 metric, value], ...]}``. A batch is appended in one write, flushed and synced, so an interrupted
@@ -24,8 +24,8 @@ The file name holds the task, its label values and a key: the first 12 hex digit
 of ``{"task", "version", "settings"}``. A task bumps its version constant when a change of its
 code changes its numbers; any change of a setting starts a new file.
 
-Sharding
---------
+**Sharding**
+
 Several processes or GPUs (``accelerate launch ...``) share the items through
 :class:`accelerate.PartialState`: process ``i`` of ``n`` takes items ``i, i + n, i + 2n, ...``
 of the requested list, writes its own shard file (``<name>.shard-i-of-n.jsonl``) and, after

@@ -20,8 +20,8 @@ patches of a vision model: ``layout.image``; all ``N`` tokens by default), on ``
 
 :func:`upsample` turns patch maps into pixel maps for scoring against masks.
 
-References
-----------
+**References**
+
 Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025 :cite:`erel2025attention`.
 """
 from __future__ import annotations

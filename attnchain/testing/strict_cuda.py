@@ -27,8 +27,8 @@ simulated GPU (:data:`GPUS`; a Colab T4 by default).
 What it does not simulate: CUDA kernels' numerics (everything runs on the CPU), asynchronous
 execution, and libraries that talk to the CUDA driver directly (bitsandbytes, flash-attention).
 
-Examples
---------
+**Examples**
+
 >>> import torch
 >>> from attnchain.testing import strict_cuda
 >>> with strict_cuda.enabled():

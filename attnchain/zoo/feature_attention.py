@@ -76,8 +76,8 @@ Capture: the stacked probabilities ``(B, H, N, N)`` pass through an
 names the layer ``"attn"`` and reads the token layout (all image tokens, the grid) from
 ``model.attn.tokens``.
 
-References
-----------
+**References**
+
 Meila, M. & Shi, J., "A random walks view of spectral segmentation", AISTATS 2001.
 Shi, J. & Malik, J., "Normalized cuts and image segmentation", IEEE TPAMI 22(8), 2000.
 CIE 15:2004, Colorimetry (the L*a*b* formulas; sRGB primaries and D65 white, IEC 61966-2-1).

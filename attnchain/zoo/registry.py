@@ -9,8 +9,8 @@ function that turns the reader's input (an image, or text) into what the model t
 * **full** models are hub checkpoints (timm ViTs, Stable Diffusion 1.5, FLUX.1-schnell): they need
   internet and, for the diffusion models, a GPU (Colab).
 
-References
-----------
+**References**
+
 Wang et al., "MiniLM", NeurIPS 2020 (the ``sentence-transformers/all-MiniLM-L6-v2`` weights).
 Oquab et al., "DINOv2", TMLR 2024; Darcet et al., "Vision Transformers Need Registers",
 ICLR 2024; Caron et al., "DINO", ICCV 2021; Radford et al., "CLIP", ICML 2021;

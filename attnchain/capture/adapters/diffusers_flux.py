@@ -16,8 +16,8 @@ applied with diffusers' own ``apply_rotary_emb``. Tokens: the ``text`` and ``ima
 the image grid ``(h, w)`` read from ``img_ids``. A pipeline with a ``.transformer`` is captured
 through it; each transformer call is one denoising step.
 
-References
-----------
+**References**
+
 :cite:`bfl2024flux`; diffusers ``transformer_flux.py``.
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@ stays in place; the taps are ``to_q``/``to_k`` (``to_qkv`` after ``fuse_qkv_proj
 is the spatial size of the enclosing ``Transformer2DModel``'s input. A pipeline with a ``.unet``
 is captured through it; each UNet call is one denoising step.
 
-References
-----------
+**References**
+
 :cite:`rombach2022ldm`
 """
 from __future__ import annotations

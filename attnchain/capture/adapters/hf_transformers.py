@@ -15,8 +15,8 @@ Tokens: text: ``[CLS]`` at 0, every other position ``text``. Vision: ``[CLS]`` a
 distillation token or DINOv2 registers as ``registers``, then the patches in raster order, with
 the grid from the ``pixel_values`` size.
 
-References
-----------
+**References**
+
 :cite:`wang2020minilm`, :cite:`dosovitskiy2021vit`, :cite:`oquab2024dinov2`
 """
 from __future__ import annotations

@@ -12,8 +12,8 @@ order), from the enclosing ``VisionTransformer`` (``cls_token``, ``num_prefix_to
 ``(h, w)`` from the image size its ``patch_embed`` sees on each call (so ``dynamic_img_size``
 models at other resolutions get the right grid).
 
-References
-----------
+**References**
+
 :cite:`dosovitskiy2021vit`, :cite:`darcet2024registers`; timm:
 https://github.com/huggingface/pytorch-image-models
 """
