@@ -381,6 +381,11 @@ def otsu_threshold(scores: torch.Tensor, bins: int = 64) -> torch.Tensor:
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
     s = scores.detach().to(torch.float64)
+    if s.ndim == 0 or s.shape[-1] == 0:
+        raise ValueError(f"otsu_threshold: expected scores of shape (..., M), M >= 1, got "
+                         f"{tuple(s.shape)}")
+    if not torch.isfinite(s).all():
+        raise ValueError("otsu_threshold: scores contain NaN or Inf")
     lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
     width = (hi - lo) / bins
     safe = torch.where(width > 0, width, torch.ones_like(width))

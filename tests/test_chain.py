@@ -490,3 +490,10 @@ def test_rollout_rejects_bad_input():
         rollout([torch.eye(3), torch.ones(3, 3)])
     with pytest.raises(ValueError, match="N = 4"):
         rollout([torch.eye(3), torch.eye(4)])
+
+
+@pytest.mark.parametrize("atol", [float("nan"), float("inf"), -1e-3, "0.1", True])
+def test_check_stochastic_rejects_a_tolerance_that_accepts_anything(atol):
+    """Regression (issue 17): atol=nan made every comparison False, so any matrix passed."""
+    with pytest.raises(ValueError, match="atol must be"):
+        check_stochastic(torch.full((3, 3), 5.0), atol=atol)

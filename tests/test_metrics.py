@@ -196,3 +196,14 @@ def test_adjusted_rand_is_sklearns():
     assert metrics.adjusted_rand([0, 0, 1], [2, 2, 7]) == 1.0
     with pytest.raises(ValueError, match="shape"):
         metrics.adjusted_rand([0, 1], [0, 1, 1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_otsu_threshold_names_nan_scores(bad):
+    """Regression (issue 17): NaN / Inf scores ended in an index error inside the histogram."""
+    s = torch.rand(2, 10)
+    s[1, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        metrics.otsu_threshold(s)
+    with pytest.raises(ValueError, match="M >= 1"):
+        metrics.otsu_threshold(torch.zeros(2, 0))

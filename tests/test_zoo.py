@@ -207,3 +207,10 @@ def test_flux_placement_on_colab_runtimes(gpu, host_gb, expected):
             registry.flux_placement(gpu_bytes, host)
     else:
         assert registry.flux_placement(gpu_bytes, host) == expected
+
+
+def test_text_preprocess_of_an_empty_list_says_so():
+    """Regression (issue 17): an empty list gave an IndexError from the tokenizer."""
+    _, pre = zoo.load("tiny-bert")
+    with pytest.raises(ValueError, match="empty list"):
+        pre([])

@@ -194,6 +194,8 @@ def text_preprocess(tokenizer, device: torch.device, max_length: int = 128) -> C
             text = [text]
         if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
             raise ValueError("text preprocess expects a string or a list of strings")
+        if not text:
+            raise ValueError("text preprocess got an empty list: give at least one text")
         enc = tokenizer(list(text), padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
         return {k: v.to(device) for k, v in enc.items()}
