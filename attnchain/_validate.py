@@ -65,6 +65,9 @@ def check_rows(A: torch.Tensor, atol: float, name: str = "A",
     """The row checks of ``check_stochastic`` for ``(..., M, N)`` (square or not); ``rows``: the
     row sums, when a caller already has them (from a product with ones). A finite row sum
     proves the row has no NaN or Inf, so the checks cost two passes (sums, minimum)."""
+    if isinstance(atol, bool) or not isinstance(atol, Real) or not 0 <= atol < math.inf:
+        # a NaN tolerance would make every comparison below False and accept anything
+        raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
     if A.dtype in HALF:
         atol = max(atol, torch.finfo(A.dtype).eps)
     if not A.is_floating_point():

@@ -497,3 +497,10 @@ def test_check_stochastic_rejects_a_tolerance_that_accepts_anything(atol):
     """Regression (issue 17): atol=nan made every comparison False, so any matrix passed."""
     with pytest.raises(ValueError, match="atol must be"):
         check_stochastic(torch.full((3, 3), 5.0), atol=atol)
+    import attnchain as ac  # every entry point with an atol goes through the same row check
+
+    bad = torch.full((2, 3, 3), 5.0)
+    for call in (lambda: ac.token_rank(bad, atol=atol), lambda: ac.lambda2(bad, atol=atol),
+                 lambda: ac.bounce(bad, start=0, n=1, atol=atol)):
+        with pytest.raises(ValueError, match="atol must be"):
+            call()

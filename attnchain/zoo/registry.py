@@ -164,7 +164,7 @@ def image_preprocess(transform: Callable, device: torch.device, dtype=None) -> C
 
     def box(image) -> tuple:
         """``(top, left, height, width)`` of ``image`` that the model sees (after the crop)."""
-        return crop_box(transform, *image_size(to_pil(image)))
+        return crop_box(transform, *image_size(image))
     preprocess.crop_box = box
     return preprocess
 
@@ -521,8 +521,9 @@ def _entries() -> dict[str, ModelEntry]:
                    _diffusers_loader("StableDiffusionPipeline",
                                      "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                    "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        ModelEntry("flux-schnell", "full", "diffusion", "FLUX.1 [schnell] pipeline (diffusers); an A100, "
-                   "or an L4 with sequential offload (see flux_placement)",
+        ModelEntry("flux-schnell", "full", "diffusion",
+                   "FLUX.1 [schnell] pipeline (diffusers); an A100, or an L4 with sequential "
+                   "offload (see flux_placement)",
                    _diffusers_loader("FluxPipeline", "black-forest-labs/FLUX.1-schnell"),
                    "black-forest-labs/FLUX.1-schnell"),
     ]
