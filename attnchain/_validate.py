@@ -21,6 +21,15 @@ def first_bad(mask: torch.Tensor) -> tuple:
     return tuple(torch.nonzero(mask)[0].tolist())
 
 
+def broadcast_batch(a: torch.Size, b: torch.Size, name_a: str, name_b: str) -> torch.Size:
+    """The broadcast of two batch shapes, or a ValueError naming both arguments."""
+    try:
+        return torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        raise ValueError(f"the batch shape {tuple(b)} of {name_b} does not broadcast with the "
+                         f"batch shape {tuple(a)} of {name_a}") from None
+
+
 def as_tensor(x, name: str) -> torch.Tensor:
     """``x`` itself if it is a tensor, else ``torch.as_tensor(x)``."""
     if isinstance(x, torch.Tensor):
@@ -68,6 +77,8 @@ def check_rows(A: torch.Tensor, atol: float, name: str = "A",
     if isinstance(atol, bool) or not isinstance(atol, Real) or not 0 <= atol < math.inf:
         # a NaN tolerance would make every comparison below False and accept anything
         raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+    if A.numel() == 0:  # an empty batch: nothing to check
+        return
     if A.dtype in HALF:
         atol = max(atol, torch.finfo(A.dtype).eps)
     if not A.is_floating_point():
@@ -114,15 +125,16 @@ def prepare(A, dtype=None, atol: float = 1e-4, check: bool = True, name: str = "
     return A
 
 
-def late_row_check(A3: torch.Tensor, atol: float):
+def late_row_check(A3: torch.Tensor, atol: float, whole: torch.Tensor):
     """A check of the members ``s`` (a slice) of a flattened batch ``A3`` (B, N, N), run group
     by group by the solvers just before a group is first read: ``check(s, rows=None)``. A bad
-    group is re-checked as a whole batch, so the error names indices into the whole batch."""
+    group is re-checked as the caller's tensor ``whole`` (``A3`` before flattening), so that the
+    error names indices in the caller's shape."""
     def check(s: slice, rows: Optional[torch.Tensor] = None) -> None:
         try:
             check_rows(A3[s], atol, rows=rows)
         except ValueError:
-            check_rows(A3, atol)
+            check_rows(whole, atol)
             raise
     return check
 
@@ -206,14 +218,20 @@ def start_distribution(start, N: int, dtype, device, atol: float) -> torch.Tenso
     if s.dtype == torch.bool or s.is_complex():
         raise ValueError(f"start must be integer indices or a real distribution, got {s.dtype}")
     if not s.is_floating_point():  # integer index tensor (...,) -> one-hot (..., N)
+        s = s.long()  # before comparing: -N wraps around in unsigned dtypes
         if ((s < -N) | (s >= N)).any():
             raise ValueError(f"start indices out of range for N = {N} tokens")
-        return torch.nn.functional.one_hot(s.long() % N, N).to(dtype)
+        return torch.nn.functional.one_hot(s % N, N).to(dtype)
+    low = s.dtype in HALF
+    if low:  # rounding to half precision moves the sum by up to N eps / 2
+        atol = max(atol, N * torch.finfo(s.dtype).eps)
     s = _nonnegative_rows(s.to(dtype), N, "start")
-    dev = (s.sum(-1) - 1).abs()
+    total = s.sum(-1, keepdim=True)
+    dev = (total - 1).abs()
     if (dev > atol).any():
-        raise ValueError(f"start does not sum to 1 (max |sum - 1| = {dev.max().item():.3g})")
-    return s
+        raise ValueError(f"start does not sum to 1 (max |sum - 1| = {dev.max().item():.3g} > "
+                         f"atol = {atol:g})")
+    return s / total if low else s
 
 
 def token_indices(tokens, N: int) -> torch.Tensor:

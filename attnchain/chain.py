@@ -25,14 +25,17 @@ up to half of it) and their rows renormalised after the upcast.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from numbers import Integral
 from typing import Optional
 
 import torch
 
-from ._validate import (HALF, as_tensor, check_choice, check_fraction, check_int, check_mask,
-                        check_positive, check_real, check_rows, check_square, compute_dtype,
-                        first_bad, prepare, start_distribution, token_indices)
+from ._validate import (HALF, as_tensor, broadcast_batch, check_choice, check_fraction,
+                        check_int, check_mask, check_positive, check_real, check_rows,
+                        check_square, compute_dtype, first_bad, prepare, start_distribution,
+                        token_indices)
 from .operators import SourceChain, as_operator
 from .stationary import stationary_dense, token_rank
 
@@ -182,6 +185,9 @@ def to_stochastic(x, kind: str = "logits", mask=None, dtype: Optional[torch.dtyp
     if (s == 0).any():
         raise ValueError(f"x has zero rows after masking (first at batch/row index "
                          f"{first_bad(s[..., 0] == 0)}): the row has no probability mass")
+    if torch.isinf(s).any():  # finite weights whose sum overflows: scale by the row maximum
+        x = x / x.amax(-1, keepdim=True)
+        s = x.sum(-1, keepdim=True)
     return x / s
 
 
@@ -346,13 +352,26 @@ def bounce(A, start, n: int, direction: str = "sink", dtype: Optional[torch.dtyp
     P = op if direction == "sink" else SourceChain(op)
     N = op.n
     v = start_distribution(start, N, op.dtype, op.device, atol)
-    batch = torch.broadcast_shapes(P.batch_shape, v.shape[:-1])
+    batch = broadcast_batch(P.batch_shape, v.shape[:-1], "A", "start")
     v = v.expand(*batch, N).unsqueeze(-2)  # (..., 1, N)
     out = [v]
     for _ in range(n):
         v = P.left(v)
         out.append(v)
     return torch.cat(out, dim=-2)
+
+
+def _dirichlet_rows(w, g, log_w, support, mass: float) -> torch.Tensor:
+    """Rows of ``w`` on ``support``, scaled to sum to ``mass``; rows where every raw Gamma draw
+    ``g`` underflowed (below 1e-9) are taken from the log-space draws ``log_w`` instead."""
+    zero = torch.zeros_like(w)
+    rows = torch.where(support, w, zero)
+    rows = mass * rows / rows.sum(-1, keepdim=True)
+    if log_w is not None:
+        flat = (torch.where(support, g, zero) < 1e-9).all(-1) & support.any(-1)
+        logs = torch.softmax(torch.where(support, log_w, torch.full_like(w, -math.inf)), -1)
+        rows = torch.where(flat.unsqueeze(-1), mass * logs, rows)
+    return rows
 
 
 def planted_chain(sizes, leak: float = 0.1, concentration: float = 1.0, shuffle: bool = False,
@@ -389,8 +408,9 @@ def planted_chain(sizes, leak: float = 0.1, concentration: float = 1.0, shuffle:
     Raises
     ------
     ValueError
-        Empty ``sizes`` or a block size < 1, ``leak`` outside [0, 1], ``leak > 0`` with a single
-        block (nowhere to leak to), ``concentration <= 0``, or an unsupported ``dtype``.
+        Empty ``sizes``, a block size that is not an int or is < 1, ``leak`` outside [0, 1],
+        ``leak > 0`` with a single block (nowhere to leak to), ``concentration <= 0``, or an
+        unsupported ``dtype``.
 
     Notes
     -----
@@ -403,7 +423,9 @@ def planted_chain(sizes, leak: float = 0.1, concentration: float = 1.0, shuffle:
 
     with :math:`d^{\mathrm{in}}_{i\cdot}` and :math:`d^{\mathrm{out}}_{i\cdot}` independent
     Dirichlet(:math:`c`) vectors on the tokens inside and outside the block (drawn as normalised
-    Gamma(:math:`c`, 1) variables), :math:`\ell` = ``leak``. So every row sends exactly
+    Gamma(:math:`c`, 1) variables; a row whose draws all underflow, as they do for very small
+    :math:`c`, is drawn in log space instead, :math:`\log G_c = \log G_{c+1} + \log(U)/c`),
+    :math:`\ell` = ``leak``. So every row sends exactly
     :math:`\ell` of its mass out of its block. With :math:`\ell = 0` the chain is reducible
     (``k`` closed classes, eigenvalue 1 with multiplicity ``k``); for small :math:`\ell` it is
     *nearly completely decomposable* (Simon & Ando [1]_): ``k`` eigenvalues close to 1, then a
@@ -433,10 +455,15 @@ def planted_chain(sizes, leak: float = 0.1, concentration: float = 1.0, shuffle:
     import numpy as np
 
     try:
-        sizes = [int(s) for s in sizes]
-    except (TypeError, ValueError) as err:
+        sizes = list(sizes)
+    except TypeError as err:
         raise ValueError(f"planted_chain: sizes must be a sequence of positive ints, got "
                          f"{sizes!r}") from err
+    if any(isinstance(s, bool) or not isinstance(s, Integral) for s in sizes):
+        # int(2.5) would silently make a block of 2
+        raise ValueError(f"planted_chain: sizes must be a sequence of positive ints, got "
+                         f"{sizes!r}")
+    sizes = [int(s) for s in sizes]
     if len(sizes) == 0 or any(s < 1 for s in sizes):
         raise ValueError(f"planted_chain: sizes must be a non-empty list of positive ints, "
                          f"got {sizes}")
@@ -449,12 +476,19 @@ def planted_chain(sizes, leak: float = 0.1, concentration: float = 1.0, shuffle:
     n = sum(sizes)
     labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     same = labels[:, None] == labels[None, :]
-    w = torch.from_numpy(rng.gamma(float(concentration), 1.0, size=(n, n))) + 1e-12
-    w_in = torch.where(same, w, torch.zeros_like(w))
-    w_out = torch.where(same, torch.zeros_like(w), w)
-    a = (1.0 - leak) * w_in / w_in.sum(-1, keepdim=True)
+    c = float(concentration)
+    g = torch.from_numpy(rng.gamma(c, 1.0, size=(n, n)))
+    log_w = None
+    if c < 1.0 and bool((g < 1e-9).any()):
+        # Gamma(c) underflows for small c: rows whose every draw did would come out flat.
+        # Those rows use log Gamma(c) = log Gamma(c + 1) + log(U) / c (Marsaglia & Tsang, 2000)
+        spare = np.random.default_rng([int(seed), 1])
+        log_w = torch.from_numpy(np.log(spare.gamma(c + 1.0, 1.0, size=(n, n)))
+                                 + np.log(spare.uniform(size=(n, n))) / c)
+    w = g + 1e-12
+    a = _dirichlet_rows(w, g, log_w, same, 1.0 - leak)
     if leak > 0:
-        a = a + leak * w_out / w_out.sum(-1, keepdim=True)
+        a = a + _dirichlet_rows(w, g, log_w, ~same, leak)
     if shuffle:
         perm = torch.from_numpy(rng.permutation(n))
         a = a[perm][:, perm]

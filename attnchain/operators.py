@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._validate import check_fraction, check_personalization, first_bad, prepare
+from ._validate import broadcast_batch, check_fraction, check_personalization, first_bad, prepare
 
 __all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "as_operator",
            "mask_to_bias", "attention_logits", "attention_probs"]
@@ -125,6 +125,13 @@ class ChainOperator(abc.ABC):
     def __getitem__(self, index) -> "ChainOperator":
         """A sub-batch: ``index`` (int, slice, index tensor) applies to the batch dimensions."""
         return self.map_batch(lambda t, tail: t[index])
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether any tensor the operator holds requires a gradient."""
+        found = []
+        self.map_batch(lambda t, tail: found.append(t.requires_grad) or t)
+        return any(found)
 
     def dense(self) -> Tensor:
         """The matrices themselves, ``(*batch, N, N)``: :math:`I A`, one product."""
@@ -313,7 +320,7 @@ class DampedChain(ChainOperator):
         op = as_operator(op)
         alpha = check_fraction(alpha, "alpha")
         p = check_personalization(personalization, op.n, op.dtype, op.device)
-        batch = torch.broadcast_shapes(op.batch_shape, p.shape[:-1])
+        batch = broadcast_batch(op.batch_shape, p.shape[:-1], "A", "personalization")
         if batch != op.batch_shape:
             op = op.expand(*batch)
         self._set(op, alpha, p.expand(*batch, op.n))

@@ -257,11 +257,14 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         D = op.dense()
         out = (D[..., 0, 0] + D[..., 1, 1] - 1).abs()
         return (out, no_passes) if return_info else out
+    if torch.is_grad_enabled() and op.requires_grad:
+        raise ValueError("lambda2(method='krylov') has no gradient: use method='dense' "
+                         "(differentiable through torch.linalg.eigvals) or pass A.detach()")
     flat = op.reshape(-1)
     try:
         theta, products = block_krylov.lambda2(
             flat, krylov_dim, tol, max_restarts, KRYLOV_GROUP_BYTES,
-            late_row_check(flat.A, atol) if late_check else None)
+            late_row_check(flat.A, atol, op.A) if late_check else None)
     except ConvergenceError:
         if not auto:
             raise
@@ -269,7 +272,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
             check_rows(op.A, atol)
         return lambda2(op, method="dense", return_info=return_info)
     out = theta.reshape(batch).clamp(0, 1)
-    info = {"passes": round(products / flat.batch_shape[0], 2), "products": products}
+    info = {"passes": round(products / max(flat.batch_shape[0], 1), 2), "products": products}
     return (out, info) if return_info else out
 
 
@@ -283,6 +286,9 @@ def _head_axis(A: torch.Tensor, head_dim: int) -> int:
     if not 0 <= d < nb:
         raise ValueError(f"head_dim={head_dim} must point at a batch dimension of A (one of "
                          f"the first {nb} dims of shape {tuple(A.shape)}), not at N x N")
+    if A.shape[d] == 0:
+        raise ValueError(f"A of shape {tuple(A.shape)} has no heads (head_dim={head_dim} has "
+                         "size 0): there is nothing to weight or average")
     return d
 
 

@@ -17,15 +17,16 @@ Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from ._solvers import gmres
-from ._validate import (as_tensor, check_choice, check_fraction, check_int,
+from ._validate import (as_tensor, broadcast_batch, check_choice, check_fraction, check_int,
                         check_personalization, check_positive, check_rows, check_square,
                         first_bad, late_row_check, prepare)
-from .errors import ReducibleChainError
+from .errors import ConvergenceError, ReducibleChainError
 from .operators import ChainOperator, DampedChain, DenseChain, as_operator
 
 __all__ = ["damped", "token_rank", "stationary_dense", "closed_class_count",
@@ -165,6 +166,40 @@ def _check_unique(A: torch.Tensor) -> None:
             "stationary distribution is not unique; use alpha < 1 (damping) to make it unique")
 
 
+def _resolution(dtype: torch.dtype) -> float:
+    """The smallest L1 step change that rounding in ``dtype`` lets the solvers see."""
+    return 4 * torch.finfo(dtype).eps
+
+
+def _step_tol(D: torch.Tensor, tol: float) -> torch.Tensor:
+    r"""Per chain (float64), the step change that certifies L1 error ``tol`` at ``alpha = 1``
+    (Notes of :func:`token_rank`): ``tol`` times the gap :math:`\min_{\lambda \ne 1}
+    |1 - \lambda|` (at most 1). The gap is computed from the eigenvalues up to
+    ``AUTO_DENSE_MAX_N`` tokens, and above as its lower bound :math:`2(1 - |\mu_2|)`, with
+    :math:`\mu_2` the second eigenvalue of the lazy chain :math:`(I + D)/2`. Raises when even
+    float64 cannot resolve that step change."""
+    from .spectral import AUTO_DENSE_MAX_N, lambda2  # lazy: spectral imports this module
+
+    N = D.shape[-1]
+    D = D.detach().to(torch.float64)
+    if N == 1:
+        return torch.full(D.shape[:-2], tol, dtype=D.dtype, device=D.device)
+    if N <= AUTO_DENSE_MAX_N:
+        gap = (1 - torch.linalg.eigvals(D)).abs().sort(-1).values[..., 1]  # [..., 0]: λ = 1
+    else:
+        lazy = DenseChain(0.5 * (D + torch.eye(N, dtype=D.dtype, device=D.device)), check=False)
+        gap = 2.0 * (1.0 - lambda2(lazy) - 1e-5).clamp_min(0)  # 1e-5: lambda2's accuracy
+    step = tol * gap.clamp(max=1.0)
+    if bool((step < _resolution(torch.float64)).any()):
+        idx = first_bad(step < _resolution(torch.float64)) if step.ndim else ()
+        raise ConvergenceError(
+            f"token_rank(alpha=1): the chain (batch index {idx}) mixes too slowly to certify an "
+            f"L1 error below tol = {tol:g}: its spectral gap is {float(gap.min()):.3g}, so the "
+            f"step change would have to fall below {float(step.min()):.3g}, under float64's "
+            "resolution; use method='dense' or alpha < 1", passes=0, residual=math.nan)
+    return step
+
+
 def _solve_dense(A: torch.Tensor, alpha: float, personalization) -> torch.Tensor:
     """The float64 solve of :func:`stationary_dense` for a checked float64 ``A``."""
     N = A.shape[-1]
@@ -177,7 +212,7 @@ def _solve_dense(A: torch.Tensor, alpha: float, personalization) -> torch.Tensor
         _check_unique(A)
         M = eye - A + 1.0 / N
         b = torch.full((N,), 1.0 / N, dtype=A.dtype, device=A.device)
-    batch = torch.broadcast_shapes(M.shape[:-2], b.shape[:-1])
+    batch = broadcast_batch(M.shape[:-2], b.shape[:-1], "A", "personalization")
     M = M.expand(*batch, N, N)
     b = b.expand(*batch, N)
     pi = torch.linalg.solve(M.transpose(-1, -2), b.unsqueeze(-1)).squeeze(-1)
@@ -260,6 +295,41 @@ def _token_rank_dense(A, alpha, personalization, dtype, check, atol, return_info
     return pi.to(out_dtype), info
 
 
+class _Implicit(torch.autograd.Function):
+    r"""Gradients of TokenRank by implicit differentiation of the stationary equation.
+
+    With :math:`M = I - \alpha A + c\,\mathbf 1 u^\top` (:math:`c = 0` for :math:`\alpha < 1`,
+    :math:`c = 1`, :math:`u = \mathbf 1/N` for :math:`\alpha = 1`), :math:`\pi M = b`, so
+    :math:`d\pi = (\alpha\, \pi\, dA + (1-\alpha)\, dp) M^{-1}`; the normalisation
+    :math:`\pi / \pi\mathbf 1` projects the incoming gradient :math:`g` to
+    :math:`g' = g - (g\cdot\pi)\mathbf 1`. One adjoint solve :math:`M w = g'` then gives
+    :math:`\partial L/\partial A = \alpha\, \pi^\top w^\top` and
+    :math:`\partial L/\partial p = (1 - \alpha)\, w`."""
+
+    @staticmethod
+    def forward(ctx, A, p, pi, alpha, tol, max_iter):
+        ctx.save_for_backward(A, p, pi)
+        ctx.alpha, ctx.tol, ctx.max_iter = alpha, tol, max_iter
+        return pi.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        A, p, pi = ctx.saved_tensors
+        alpha, N = ctx.alpha, pi.shape[-1]
+        batch = pi.shape[:-1]
+        g = g - (g * pi).sum(-1, keepdim=True)
+        flat = DampedChain(DenseChain(A.detach(), check=False), alpha,
+                           p.detach()).reshape(-1)
+        rtol = max(ctx.tol, 10 * torch.finfo(pi.dtype).eps)
+        w = gmres.adjoint(flat, g.reshape(-1, N), rtol, ctx.max_iter).reshape(*batch, N)
+        grad_A = grad_p = None
+        if ctx.needs_input_grad[0]:
+            grad_A = (alpha * pi.unsqueeze(-1) * w.unsqueeze(-2)).sum_to_size(A.shape)
+        if ctx.needs_input_grad[1]:
+            grad_p = ((1.0 - alpha) * w).sum_to_size(p.shape)
+        return grad_A, grad_p, None, None, None, None
+
+
 def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
                max_iter: int = 1000, method: str = "krylov", dtype: Optional[torch.dtype] = None,
                check: bool = True, atol: float = 1e-4, return_info: bool = False):
@@ -309,13 +379,14 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     Raises
     ------
     ConvergenceError
-        (a :class:`RuntimeError`) when the L1 rule is not met within ``max_iter`` passes; it
-        carries ``passes`` and the last ``residual``.
+        (a :class:`RuntimeError`) when the L1 rule is not met within ``max_iter`` passes, or at
+        ``alpha = 1`` when the chain mixes too slowly to certify ``tol`` even in float64
+        (Notes); it carries ``passes`` and the last ``residual``.
     ReducibleChainError
         (a :class:`ValueError`) ``alpha = 1`` and the chain has several closed classes.
     ValueError
         Invalid ``A``, ``alpha``, ``personalization``, ``tol``, ``max_iter``, ``method`` or
-        ``dtype``.
+        ``dtype``; or an operator other than a ``DenseChain`` whose tensors require grad.
 
     Notes
     -----
@@ -340,6 +411,28 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     :math:`\pi` is at most :math:`\alpha\,\mathrm{tol}/(1-\alpha)` for :math:`\alpha < 1`, and
     in practice far less. The result does not depend on how the batch is split for the
     computation, and ``A`` and ``DenseChain(A)`` give identical results.
+
+    **Certified at** ``alpha = 1``. Without damping there is no contraction to lean on: a chain
+    that mixes slowly (two groups of tokens coupled by :math:`10^{-6}`) barely changes in one
+    step while still far from :math:`\pi`. With :math:`r = xA - x`, :math:`x - \pi = -r Z`,
+    :math:`Z = (I - A + \mathbf 1 \pi)^{-1}`, so the error is about :math:`\lVert r\rVert_1 /
+    \gamma` with :math:`\gamma = \min_{\lambda \ne 1} |1 - \lambda|` (exactly so for normal
+    chains). At ``alpha = 1`` the rule is therefore :math:`\lVert xA - x\rVert_1 <
+    \mathrm{tol}\,\min(1, \gamma)` per chain, :math:`\gamma` from the eigenvalues (up to
+    :data:`~attnchain.spectral.AUTO_DENSE_MAX_N` tokens) or from its lower bound
+    :math:`2(1 - |\mu_2|)`, :math:`\mu_2` the second eigenvalue of the lazy chain
+    :math:`(I + A)/2` (above). Where float32 rounding cannot resolve that step change the chain is
+    solved in float64 (and returned in float32); where float64 cannot either,
+    :class:`~attnchain.errors.ConvergenceError`.
+
+    **Gradients.** For a tensor ``A`` (or a :class:`~attnchain.operators.DenseChain`) and
+    ``personalization`` that require grad, the backward pass differentiates the stationary
+    equation :math:`\pi M = b` implicitly, :math:`M = I - \alpha A` (:math:`\alpha < 1`) or
+    :math:`I - A + \mathbf 1 u^\top`: one adjoint GMRES solve :math:`M w = g - (g\cdot\pi)
+    \mathbf 1` for the incoming gradient :math:`g`, then :math:`\partial L/\partial A = \alpha
+    \pi^\top w^\top` and :math:`\partial L/\partial p = (1-\alpha) w`. This is the gradient
+    that autograd gives through :func:`stationary_dense`; along row-stochastic perturbations (for
+    instance through a softmax) it is the derivative of the iteration's result itself.
 
     Examples
     --------
@@ -381,16 +474,38 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         late_check = check and A.dtype in (torch.float32, torch.float64)
         op = DenseChain(A, dtype, atol, check=check and not late_check)
     chain = DampedChain(op, alpha, personalization)
+    out_dtype, step = op.dtype, tol
     if alpha == 1.0:
         if late_check:  # the closed-class check needs a valid chain
             check_rows(op.A, atol)
             late_check = False
-        _check_unique(op.dense())
+        D = op.dense()
+        _check_unique(D)
+        step = _step_tol(D, tol)
+        if bool((step < _resolution(op.dtype)).any()):  # certify in float64 instead
+            if not isinstance(op, DenseChain):
+                raise ConvergenceError(
+                    f"token_rank(alpha=1): {op.dtype} cannot resolve the step change that "
+                    f"certifies tol = {tol:g} for this slowly mixing chain (it must fall below "
+                    f"{float(step.min()):.3g}); use a float64 operator or alpha < 1",
+                    passes=0, residual=math.nan)
+            D = D.to(torch.float64)  # rows renormalised: stochastic to float64 precision
+            op = DenseChain(D / D.sum(-1, keepdim=True), check=False)
+            chain = DampedChain(op, alpha, personalization)
+        step = step.to(op.dtype).expand(chain.batch_shape).reshape(-1)
     batch, N = chain.batch_shape, chain.n
     flat = chain.reshape(-1)
-    x, err, passes = gmres.stationary(flat, tol, max_iter, method, TOKEN_RANK_GROUP_BYTES,
-                                      late_row_check(flat.op.A, atol) if late_check else None)
+    with torch.no_grad():
+        x, err, passes = gmres.stationary(flat, step, max_iter, method, TOKEN_RANK_GROUP_BYTES,
+                                          late_row_check(flat.op.A, atol, op.A)
+                                          if late_check else None)
     pi = x.reshape(*batch, N)
+    if torch.is_grad_enabled() and (op.requires_grad or chain.p.requires_grad):
+        if not isinstance(op, DenseChain):
+            raise ValueError(f"token_rank differentiates through a tensor A or a DenseChain, "
+                             f"not through a {type(op).__name__} whose tensors require grad")
+        pi = _Implicit.apply(op.A, chain.p, pi, alpha, tol, max_iter)
+    pi, err = pi.to(out_dtype), err.to(out_dtype)
     if return_info:
         info = {"passes": round(passes, 2), "check_passes": 2 if check else 0,
                 "residual": err.reshape(batch)}

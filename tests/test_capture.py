@@ -257,6 +257,13 @@ def test_layer_selection(vit, img, full_maps):
     with pytest.raises(ValueError, match="out of range"):
         with capture(vit, layers=5):
             pass
+    for bad in (1.5, [0, 1.5]):  # not a name, pattern, index or a list of them
+        with pytest.raises(ValueError, match="is not a layer name, pattern or index"):
+            with capture(vit, layers=bad):
+                pass
+        with pytest.raises(ValueError, match="is not a step index"):
+            with capture(vit, steps=bad):
+                pass
     assert_no_hooks(vit)
 
 

@@ -175,6 +175,8 @@ def lambda2(op: ChainOperator, max_dim: int, tol: float, max_restarts: int, grou
     start vectors: it yields the row sums, handed to ``check(s, rows)`` (when given), so that
     the input check costs only one more pass (the minimum) instead of two."""
     N = op.n
+    if op.batch_shape[0] == 0:
+        return torch.zeros(0, dtype=op.dtype, device=op.device), 0
     b = min(KRYLOV_BLOCK, N - 1)
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     start = extend_basis(zero_mean_rows(b, N, seed, like), like.reshape(1, 0, N), b)[0]

@@ -15,7 +15,7 @@ import torch
 from ..errors import ConvergenceError
 from ..operators import DampedChain
 from . import cache_groups
-from .power import CountedChain, normalise, power_from
+from .power import CountedChain, normalise, power_from, tol_text
 
 
 def gmres_cycle(op, x0, r, m: int, target: torch.Tensor, budget: int):
@@ -60,8 +60,9 @@ def gmres_cycle(op, x0, r, m: int, target: torch.Tensor, budget: int):
     return x0 + torch.matmul(y.unsqueeze(1), V[:, :k]).squeeze(1), used
 
 
-def stationary_group(damped: DampedChain, tol: float, max_iter: int, method: str):
-    """The stationary distributions of a flat damped chain (B chains); (pi, L1 change, passes)."""
+def stationary_group(damped: DampedChain, tol, max_iter: int, method: str):
+    """The stationary distributions of a flat damped chain (B chains); (pi, L1 change, passes).
+    ``tol``: one tolerance, or one per chain (B,)."""
     chain = CountedChain(damped)
     alpha, P2 = damped.alpha, damped.p
     B, N = P2.shape
@@ -81,7 +82,8 @@ def stationary_group(damped: DampedChain, tol: float, max_iter: int, method: str
     m = min(30, N)
     x = normalise(P2.clone())
     # the L1 norm is at most sqrt(N) times the L2 norm
-    target = torch.full((B,), 0.5 * tol / math.sqrt(N), dtype=P2.dtype, device=P2.device)
+    target = torch.as_tensor(0.5 * tol / math.sqrt(N), dtype=P2.dtype, device=P2.device
+                             ).expand(B)
     prev = None
     while True:
         xA = chain.product(x)  # one pass gives both the L1 check and GMRES's residual
@@ -94,7 +96,7 @@ def stationary_group(damped: DampedChain, tol: float, max_iter: int, method: str
         if chain.passes >= max_iter:
             raise ConvergenceError(
                 f"token_rank did not converge in {max_iter} passes: L1 change "
-                f"{err.max().item():.3g} >= tol = {tol:g}", passes=chain.passes,
+                f"{err.max().item():.3g} >= tol = {tol_text(tol)}", passes=chain.passes,
                 residual=err.max().item())
         if prev is not None and bool(((err >= tol) & (err > 0.5 * prev)).any()):
             # GMRES stagnates (possible for strongly non-normal chains): fall back to the
@@ -108,18 +110,49 @@ def stationary_group(damped: DampedChain, tol: float, max_iter: int, method: str
     return x, err, chain.passes
 
 
-def stationary(damped: DampedChain, tol: float, max_iter: int, method: str, group_bytes: int,
+def stationary(damped: DampedChain, tol, max_iter: int, method: str, group_bytes: int,
                check: Optional[Callable] = None):
     """:func:`stationary_group` over cache-sized groups of a flat damped chain, each checked by
     ``check(s)`` (when given) just before its first product; returns (pi (B, N), L1 change (B,),
     passes in units of the whole batch)."""
     B = damped.batch_shape[0]
+    if B == 0:
+        empty = damped.p.new_zeros(0, damped.n)
+        return empty, empty[:, 0], 0.0
     xs, errs, passes = [], [], 0.0
     for s in cache_groups(damped, group_bytes):
         if check is not None:
             check(s)
-        x, err, n = stationary_group(damped[s], tol, max_iter, method)
+        x, err, n = stationary_group(damped[s], tol[s] if torch.is_tensor(tol) else tol,
+                                     max_iter, method)
         xs.append(x)
         errs.append(err)
         passes += n * x.shape[0] / B
     return torch.cat(xs), torch.cat(errs), passes
+
+
+def adjoint(damped: DampedChain, g: torch.Tensor, rtol: float, max_iter: int) -> torch.Tensor:
+    """The column vectors ``w`` (B, N) with :math:`M w = g`,
+    :math:`M = I - \\alpha A + c\\,\\mathbf 1 u^\\top`, for the chains of a flat damped chain:
+    the transpose of the stationary system, which gradients of :math:`\\pi` need. Restarted
+    GMRES on products ``A w`` (``op.right``) until ``||g - M w|| <= rtol ||g||`` for every
+    chain."""
+    alpha, op = damped.alpha, damped.op
+    B, N = g.shape
+    cu = 0.0 if alpha < 1.0 else 1.0 / N
+
+    def M(v):
+        return v - alpha * op.right(v.unsqueeze(-1)).squeeze(-1) + cu * v.sum(-1, keepdim=True)
+
+    target = rtol * g.norm(dim=-1)
+    w, r, passes = torch.zeros_like(g), g, 0
+    while bool((r.norm(dim=-1) > target).any()):
+        if passes >= max_iter:
+            worst = (r.norm(dim=-1) / g.norm(dim=-1).clamp_min(1e-300)).max().item()
+            raise ConvergenceError(
+                f"token_rank's gradient did not converge in {max_iter} passes: relative "
+                f"residual {worst:.3g} > {rtol:g}", passes=passes, residual=worst)
+        w, used = gmres_cycle(M, w, r, min(30, N), 0.5 * target, max_iter - passes)
+        passes += used + 1
+        r = g - M(w)
+    return w

@@ -34,7 +34,12 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.sum(-1, keepdim=True)
 
 
-def power_from(chain: CountedChain, x, tol: float, max_iter: int, method: str):
+def tol_text(tol) -> str:
+    """A tolerance (or the smallest of a tensor of them) for an error message."""
+    return f"{float(torch.as_tensor(tol).min()):g}"
+
+
+def power_from(chain: CountedChain, x, tol, max_iter: int, method: str):
     """Power iteration (lazy when alpha = 1) from x until the L1 rule holds; (y, L1 change)."""
     lazy = chain.alpha == 1.0
     err = None
@@ -48,4 +53,4 @@ def power_from(chain: CountedChain, x, tol: float, max_iter: int, method: str):
     worst = float("nan") if err is None else err.max().item()
     raise ConvergenceError(
         f"token_rank(method={method!r}) did not converge in {max_iter} passes: L1 change "
-        f"{worst:.3g} >= tol = {tol:g}", passes=chain.passes, residual=worst)
+        f"{worst:.3g} >= tol = {tol_text(tol)}", passes=chain.passes, residual=worst)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,6 +36,17 @@ STEP_REDUCTIONS = ("mean", "stack", "last")
 
 # at most this many float32 elements per head block in the recomputation (~64 MiB)
 _BLOCK_ELEMENTS = 1 << 24
+
+
+def _check_steps(steps) -> None:
+    """``steps=``: None, a step index, a predicate or an iterable of step indices."""
+    if steps is None or callable(steps):
+        return
+    items = list(steps) if isinstance(steps, Iterable) and not isinstance(steps, str) else [steps]
+    for it in items:
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ValueError(f"steps: {it!r} is not a step index (an int >= 0); steps must be "
+                             "None, an index, a list of indices or a predicate")
 
 
 @dataclass
@@ -151,6 +163,7 @@ class Recorder:
                              f"not {weighting!r}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype, not {dtype!r}")
+        _check_steps(steps)
         self.model = model
         self.layers_arg, self.heads_arg, self.steps_arg = layers, heads, steps
         self.rows_arg, self.cols_arg = rows, cols
@@ -188,7 +201,7 @@ class Recorder:
         elif callable(sel) and not isinstance(sel, str):
             chosen = {n for n in names if sel(n)}
         else:
-            items = [sel] if isinstance(sel, (str, int)) else list(sel)
+            items = list(sel) if isinstance(sel, Iterable) and not isinstance(sel, str) else [sel]
             chosen = set()
             for it in items:
                 if isinstance(it, bool) or not isinstance(it, (int, str)):
