@@ -161,10 +161,12 @@ def check_int(value, name: str, low: int = 1, high: Optional[int] = None, where:
     return value
 
 
-def check_positive(value, name: str) -> float:
-    """``value`` if it is a positive real number (a tolerance)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+def check_positive(value, name: str, finite: bool = False) -> float:
+    """``value`` if it is a positive real number (a tolerance), finite if asked."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0 \
+            or (finite and not value < math.inf):
+        what = "a finite positive number" if finite else "a positive number"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     return value
 
 

@@ -262,6 +262,10 @@ class DenseChain(ChainOperator):
     def dense(self) -> Tensor:
         return self.A
 
+    @property
+    def requires_grad(self) -> bool:
+        return self.A.requires_grad
+
 
 class DampedChain(ChainOperator):
     r"""The PageRank-damped chain :math:`A' = \alpha A + (1-\alpha)\,\mathbf 1 p^\top` of ``op``.

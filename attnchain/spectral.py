@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from ._solvers import block_krylov
+from ._solvers import block_krylov, dense
 from ._solvers.block_krylov import KRYLOV_BLOCK
-from ._validate import (as_tensor, check_choice, check_fraction, check_int, check_rows,
-                        check_square, late_row_check, prepare)
+from ._validate import (as_tensor, check_choice, check_fraction, check_int, check_positive,
+                        check_rows, check_square, late_row_check, prepare)
 from .errors import ConvergenceError
 from .operators import ChainOperator, DenseChain, as_operator
 from .stationary import token_rank
@@ -121,7 +121,7 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
     N = A.shape[-1]
     if k is not None:
         check_int(k, "k", 1, N)
-    ev = _sort_by_magnitude(torch.linalg.eigvals(A))
+    ev = _sort_by_magnitude(dense.eigvals(A))
     return ev if k is None else ev[..., :k]
 
 
@@ -228,6 +228,9 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
        Appl. 23(3), 2001.
     """
     check_choice(method, "method", LAMBDA2_METHODS)
+    check_positive(tol, "tol", finite=True)
+    check_int(krylov_dim, "krylov_dim", low=2)
+    check_int(max_restarts, "max_restarts", low=0)
     if isinstance(A, ChainOperator):
         op, late_check = as_operator(A, dtype), False
         N = op.n
@@ -249,7 +252,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         method = "dense" if N <= AUTO_DENSE_MAX_N else "krylov"
     if method == "dense":
         D = op.dense()
-        ev = torch.linalg.eigvals(D).abs()
+        ev = dense.eigvals(D).abs()
         out = torch.topk(ev, 2, dim=-1).values[..., 1].to(D.dtype)
         out = out.clamp(0, 1)
         return (out, no_passes) if return_info else out

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._solvers import gmres
+from ._solvers import dense, gmres
 from ._validate import (as_tensor, broadcast_batch, check_choice, check_fraction, check_int,
                         check_personalization, check_positive, check_rows, check_square,
                         first_bad, late_row_check, prepare)
@@ -185,7 +185,7 @@ def _step_tol(D: torch.Tensor, tol: float) -> torch.Tensor:
     if N == 1:
         return torch.full(D.shape[:-2], tol, dtype=D.dtype, device=D.device)
     if N <= AUTO_DENSE_MAX_N:
-        gap = (1 - torch.linalg.eigvals(D)).abs().sort(-1).values[..., 1]  # [..., 0]: λ = 1
+        gap = (1 - dense.eigvals(D)).abs().sort(-1).values[..., 1]  # [..., 0]: λ = 1
     else:
         lazy = DenseChain(0.5 * (D + torch.eye(N, dtype=D.dtype, device=D.device)), check=False)
         gap = 2.0 * (1.0 - lambda2(lazy) - 1e-5).clamp_min(0)  # 1e-5: lambda2's accuracy

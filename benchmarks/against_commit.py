@@ -6,8 +6,9 @@ modules load) and imported next to this checkout's package. Both versions then r
 attention (``markov_core.realistic_attention``: H heads with planted groups), in the same
 process, with calls alternated (A B, B A, ...) so that drift of the machine falls on both sides
 alike. Printed per function and N: the median and the best wall time of each version over
-``--repeats`` calls, their ratio (earlier / now; > 1 means this checkout is faster), and the
-largest difference between the two results.
+``--repeats`` calls; the median over rounds of the paired ratio (earlier / now, the two calls of
+one round; > 1 means this checkout is faster) with a bootstrap 95% interval; and the largest
+difference between the two results.
 
 Run:  python benchmarks/against_commit.py --rev 7bbbab2 [--sizes 256,1024,2048] [--repeats 20]
 Not part of the test run. Ratios are from one run on one machine; say which when quoting them.
@@ -25,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,6 +86,14 @@ def alternate(old, new, repeats: int):
     return times
 
 
+def paired_ratio(old: list, new: list, n_boot: int = 2000, seed: int = 0):
+    """Median of the per-round ratios old/new and its bootstrap 95% interval."""
+    r = np.asarray(old) / np.asarray(new)
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, len(r), (n_boot, len(r)))], axis=1)
+    return float(np.median(r)), *np.percentile(boot, [2.5, 97.5])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", required=True, help="the earlier commit (any git revision)")
@@ -102,7 +112,7 @@ def main():
               f"{args.threads} threads, {args.repeats} alternated calls each, on "
               f"{os.cpu_count()} cores")
         print(f"{'function':>10} {'N':>5} {'old med ms':>10} {'new med ms':>10} {'old min':>8} "
-              f"{'new min':>8} {'old/new':>7} {'max |diff|':>10}")
+              f"{'new min':>8} {'old/new':>7} {'95% CI':>13} {'max |diff|':>10}")
         for N in [int(s) for s in args.sizes.split(",")]:
             A = realistic_attention(args.heads, N)
             c_old, c_new = calls(old, A), calls(new, A)
@@ -110,9 +120,10 @@ def main():
                 t = alternate(c_old[name], c_new[name], args.repeats)
                 diff = (c_old[name]() - c_new[name]()).abs().max().item()
                 mo, mn = statistics.median(t["old"]), statistics.median(t["new"])
+                ratio, lo, hi = paired_ratio(t["old"], t["new"])
                 print(f"{name:>10} {N:>5} {1e3 * mo:>10.2f} {1e3 * mn:>10.2f} "
                       f"{1e3 * min(t['old']):>8.2f} {1e3 * min(t['new']):>8.2f} "
-                      f"{mo / mn:>6.2f}x {diff:>10.1e}")
+                      f"{ratio:>6.2f}x  [{lo:.2f}, {hi:.2f}] {diff:>10.1e}")
 
 
 if __name__ == "__main__":

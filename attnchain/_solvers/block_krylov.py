@@ -15,7 +15,7 @@ from scipy.linalg import schur
 
 from ..errors import ConvergenceError
 from ..operators import ChainOperator
-from . import cache_groups
+from . import cache_groups, dense
 
 #: Block size of the Krylov iteration: the basis grows by this many directions per pass.
 KRYLOV_BLOCK = 3
@@ -79,7 +79,7 @@ def ritz(T: torch.Tensor, C: torch.Tensor):
     :math:`y` come from one step of inverse iteration with :math:`\theta` as the shift,
     which costs less than a full eigendecomposition of ``T``.
     """
-    ev = torch.linalg.eigvals(T)
+    ev = dense.eigvals(T)
     theta = ev.gather(-1, ev.abs().argmax(-1, keepdim=True))  # (B, 1)
     m = T.shape[-1]
     eye = torch.eye(m, dtype=ev.dtype, device=T.device)
@@ -137,6 +137,9 @@ def lambda2_group(op: ChainOperator, K: torch.Tensor, AK: torch.Tensor, W: torch
         nxt, Wp = extend_basis(W, K, N - 1 - m)  # the next block, orthogonal to K
         T = (K @ AK.mT).to(torch.float64)
         ev, theta, resid = ritz(T, Wp[:, :new] @ nxt.mT)
+        if m >= N - 1:  # the basis spans every zero-mean direction: T has the exact spectrum
+            theta_out[live] = ev.abs().amax(-1).to(theta_out.dtype)
+            return theta_out, n_products
         done = resid <= tol
         if bool(done.any()):
             for j in done.nonzero()[:, 0].tolist():
