@@ -243,11 +243,13 @@ class DenseChain(ChainOperator):
 
     def __init__(self, A, dtype: Optional[torch.dtype] = None, atol: float = 1e-4,
                  check: bool = True):
-        self.A = prepare(A, dtype, atol, check=check)
-        self.n = self.A.shape[-1]
-        self.batch_shape = self.A.shape[:-2]
-        self.dtype, self.device = self.A.dtype, self.A.device
-        self.member_bytes = self.n * self.n * self.A.element_size()
+        self._set(prepare(A, dtype, atol, check=check))
+
+    def _set(self, A: Tensor) -> "DenseChain":
+        self.A, self.n, self.batch_shape = A, A.shape[-1], A.shape[:-2]
+        self.dtype, self.device = A.dtype, A.device
+        self.member_bytes = self.n * self.n * A.element_size()
+        return self
 
     def left(self, X: Tensor) -> Tensor:
         return torch.matmul(X, self.A)
@@ -257,7 +259,8 @@ class DenseChain(ChainOperator):
         return torch.matmul(X.mT, self.A.mT).mT
 
     def map_batch(self, fn) -> "DenseChain":
-        return DenseChain(fn(self.A, 2), check=False)
+        # a view of a prepared tensor: no conversion or check (solvers index chains per pass)
+        return DenseChain.__new__(DenseChain)._set(fn(self.A, 2))
 
     def dense(self) -> Tensor:
         return self.A
