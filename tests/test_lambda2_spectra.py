@@ -88,3 +88,12 @@ def test_dense_eigensolver_failure_is_handled():
     torch.testing.assert_close(ac.head_weights(torch.stack([A, A])),
                                torch.full((2,), 0.5, dtype=torch.float64))
     assert ac.choose_bounces(A).item() >= 1
+
+
+def test_a_slowly_converging_noisy_head_at_n_2048():
+    """The head of the issue's table that needed 133 passes (more than 20 restarts at
+    krylov_dim 40, the old default, which raised and made method='auto' solve densely)."""
+    A = heads("noisy", 2, 2048, temperature=3.0)[:1]
+    got, info = ac.lambda2(A, method="krylov", return_info=True)
+    assert info["passes"] > 100
+    torch.testing.assert_close(got.double(), reference_lambda2(A), atol=1e-4, rtol=0)
