@@ -30,6 +30,8 @@ k_i = s c_g(i) + z'_i with group centroids c ~ N(0, I_64), noise z ~ N(0, I_64),
 from fast mixing to strongly structured). |λ2| per head is printed.
 
 Run:  python benchmarks/markov_core.py [--sizes 256,1024,2048,4096] [--heads 12] [--repeats 3]
+      python benchmarks/markov_core.py --family planted,noisy:1,noisy:2,noisy:3,shift,cycle,\
+          degenerate --sizes 1024,2048   (lambda2 on the hard-spectrum family)
 Not part of the test run. Ratios are from one run on one machine; say which when quoting them.
 """
 from __future__ import annotations
@@ -205,6 +207,44 @@ def krylov_floor(A, exact, block, args):
                                    args.arpack_repeats)[0])
 
 
+def family_table(args):
+    """|λ2| on the heads of :mod:`attnchain.testing.spectra`: for each kind and N, lambda2's
+    time (krylov and auto) against torch.linalg.eigvals (float32, all heads) and ARPACK head by
+    head, with errors against float64 eigvals (max over heads). A method that raises is shown
+    by the name of its error."""
+    from attnchain.testing.spectra import heads
+
+    print(f"\n|λ2| on the hard-spectrum family (attnchain.testing.spectra), H = {args.heads}; "
+          "times in s for all heads; err = max |.| vs float64 eigvals")
+    hdr = (f"{'kind':>12} {'N':>5} {'eigvals s':>9} {'krylov s':>9} {'|err|':>8} {'passes':>6} "
+           f"{'vs eig':>7} {'auto s':>7} {'arpack s':>8} {'|err| arp':>9} {'vs arpack':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for kind in args.family.split(","):
+        name, _, T = kind.partition(":")
+        for N in [int(n) for n in args.sizes.split(",")]:
+            A = heads(name, args.heads, N, seed=args.seed, temperature=float(T or 2.0))
+            t_eig, ev = timeit(lambda: torch.linalg.eigvals(A), 1)
+            ref = torch.topk(torch.linalg.eigvals(A.double()).abs(), 2, -1).values[:, 1]
+            cells = {}
+            for method in ("krylov", "auto"):
+                try:
+                    t, (l2, info) = timeit(lambda: lambda2(A, method=method, return_info=True),
+                                           1)
+                    cells[method] = (t, (l2.double() - ref).abs().max().item(), info["passes"])
+                except Exception as exc:  # noqa: BLE001 - reported in the table
+                    cells[method] = (None, type(exc).__name__, None)
+            t_arp, l2_arp = timeit(lambda: arpack_lambda2(A, 0.0), 1)
+            err_arp = float(np.abs(l2_arp - ref.numpy()).max())
+            tk, ek, pk = cells["krylov"]
+            ok = tk is not None
+            print(f"{kind:>12} {N:>5} {t_eig:>9.2f} {tk if ok else float('nan'):>9.3f} "
+                  f"{ek if not ok else format(ek, '.1e'):>8} {pk if ok else '-':>6} "
+                  f"{(t_eig / tk) if ok else float('nan'):>6.1f}x "
+                  f"{cells['auto'][0] or float('nan'):>7.2f} {t_arp:>8.3f} {err_arp:>9.1e} "
+                  f"{(t_arp / tk) if ok else float('nan'):>8.2f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="256,1024,2048,4096", help="comma-separated N")
@@ -228,11 +268,16 @@ def main():
                     help="block sizes for the reads floor")
     ap.add_argument("--target-err", type=float, default=1e-4,
                     help="|λ2| error the reads floor is computed for")
+    ap.add_argument("--family", default=None,
+                    help="instead: the hard-spectrum family, kinds as KIND[:T], e.g. "
+                         "planted,noisy:1,noisy:2,noisy:3,shift,cycle,degenerate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # The same number of threads for numpy/scipy's BLAS (ARPACK's products), so neither side of a
     # ratio gets cores the other does not.
     threadpool_limits(args.threads)
+    if args.family:
+        return family_table(args)
     sizes = [int(s) for s in args.sizes.split(",")]
     H = args.heads
     print(f"attnchain markov_core benchmark: H = {H} heads, float32, device {args.device}, "
