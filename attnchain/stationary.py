@@ -172,7 +172,7 @@ def _resolution(dtype: torch.dtype) -> float:
 
 
 def _step_tol(D: torch.Tensor, tol: float) -> torch.Tensor:
-    r"""Per chain (float64), the step change that certifies L1 error ``tol`` at ``alpha = 1``
+    r"""Per chain of the float64 chains ``D``, the step change that certifies L1 error ``tol`` at ``alpha = 1``
     (Notes of :func:`token_rank`): ``tol`` times the gap :math:`\min_{\lambda \ne 1}
     |1 - \lambda|` (at most 1). The gap is computed from the eigenvalues up to
     ``AUTO_DENSE_MAX_N`` tokens, and above as its lower bound :math:`2(1 - |\mu_2|)`, with
@@ -181,14 +181,14 @@ def _step_tol(D: torch.Tensor, tol: float) -> torch.Tensor:
     from .spectral import AUTO_DENSE_MAX_N, lambda2  # lazy: spectral imports this module
 
     N = D.shape[-1]
-    D = D.detach().to(torch.float64)
     if N == 1:
         return torch.full(D.shape[:-2], tol, dtype=D.dtype, device=D.device)
     if N <= AUTO_DENSE_MAX_N:
         gap = (1 - dense.eigvals(D)).abs().sort(-1).values[..., 1]  # [..., 0]: λ = 1
     else:
         lazy = DenseChain(0.5 * (D + torch.eye(N, dtype=D.dtype, device=D.device)), check=False)
-        gap = 2.0 * (1.0 - lambda2(lazy) - 1e-5).clamp_min(0)  # 1e-5: lambda2's accuracy
+        l2_tol = 1e-5  # lambda2's residual tolerance, taken as the accuracy of |mu_2|
+        gap = 2.0 * (1.0 - lambda2(lazy, tol=l2_tol) - l2_tol).clamp_min(0)
     step = tol * gap.clamp(max=1.0)
     if bool((step < _resolution(torch.float64)).any()):
         idx = first_bad(step < _resolution(torch.float64)) if step.ndim else ()
@@ -479,9 +479,9 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         if late_check:  # the closed-class check needs a valid chain
             check_rows(op.A, atol)
             late_check = False
-        D = op.dense()
+        D = op.dense().to(torch.float64)  # a no-op for float64 chains
         _check_unique(D)
-        step = _step_tol(D, tol)
+        step = _step_tol(D.detach(), tol)
         if bool((step < _resolution(op.dtype)).any()):  # certify in float64 instead
             if not isinstance(op, DenseChain):
                 raise ConvergenceError(
@@ -489,7 +489,7 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
                     f"certifies tol = {tol:g} for this slowly mixing chain (it must fall below "
                     f"{float(step.min()):.3g}); use a float64 operator or alpha < 1",
                     passes=0, residual=math.nan)
-            D = D.to(torch.float64)  # rows renormalised: stochastic to float64 precision
+            # rows renormalised: stochastic to float64 precision
             op = DenseChain(D / D.sum(-1, keepdim=True), check=False)
             chain = DampedChain(op, alpha, personalization)
         step = step.to(op.dtype).expand(chain.batch_shape).reshape(-1)

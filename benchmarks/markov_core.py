@@ -212,7 +212,7 @@ def family_table(args):
     time (krylov and auto) against torch.linalg.eigvals (float32, all heads) and ARPACK head by
     head, with errors against float64 eigvals (max over heads). A method that raises is shown
     by the name of its error."""
-    from attnchain.testing.spectra import heads
+    from attnchain.testing.spectra import heads, reference_lambda2
 
     print(f"\n|λ2| on the hard-spectrum family (attnchain.testing.spectra), H = {args.heads}; "
           "times in s for all heads; err = max |.| vs float64 eigvals")
@@ -225,7 +225,7 @@ def family_table(args):
         for N in [int(n) for n in args.sizes.split(",")]:
             A = heads(name, args.heads, N, seed=args.seed, temperature=float(T or 2.0))
             t_eig, ev = timeit(lambda: torch.linalg.eigvals(A), 1)
-            ref = torch.topk(torch.linalg.eigvals(A.double()).abs(), 2, -1).values[:, 1]
+            ref = reference_lambda2(A)
             cells = {}
             for method in ("krylov", "auto"):
                 try:

@@ -38,12 +38,16 @@ STEP_REDUCTIONS = ("mean", "stack", "last")
 _BLOCK_ELEMENTS = 1 << 24
 
 
+def _items(sel) -> list:
+    """``layers=`` or ``steps=`` as a list: the items of an iterable, else ``[sel]``."""
+    return list(sel) if isinstance(sel, Iterable) and not isinstance(sel, str) else [sel]
+
+
 def _check_steps(steps) -> None:
     """``steps=``: None, a step index, a predicate or an iterable of step indices."""
     if steps is None or callable(steps):
         return
-    items = list(steps) if isinstance(steps, Iterable) and not isinstance(steps, str) else [steps]
-    for it in items:
+    for it in _items(steps):
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ValueError(f"steps: {it!r} is not a step index (an int >= 0); steps must be "
                              "None, an index, a list of indices or a predicate")
@@ -201,9 +205,8 @@ class Recorder:
         elif callable(sel) and not isinstance(sel, str):
             chosen = {n for n in names if sel(n)}
         else:
-            items = list(sel) if isinstance(sel, Iterable) and not isinstance(sel, str) else [sel]
             chosen = set()
-            for it in items:
+            for it in _items(sel):
                 if isinstance(it, bool) or not isinstance(it, (int, str)):
                     raise ValueError(f"layers: {it!r} is not a layer name, pattern or index")
                 if isinstance(it, int):
