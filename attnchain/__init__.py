@@ -10,7 +10,8 @@ callable as ``attnchain.capture(model)``) and models by name for both profiles
 Reference: Erel, Dünkel, Dabral, Golyanik, Theobalt, Bermano. "Attention (as Discrete-Time Markov)
 Chains". NeurIPS 2025, arXiv:2507.17657.
 """
-from . import capture, zoo
+from . import capture, interventions, zoo
+from .interventions import remove_tokens
 from .chain import (
     bipartite_chain,
     bounce,
@@ -61,9 +62,11 @@ __all__ = [
     "eigenvalues",
     "head_mean",
     "head_weights",
+    "interventions",
     "lambda2",
     "metastable_states",
     "planted_chain",
+    "remove_tokens",
     "restrict",
     "rollout",
     "source_chain",

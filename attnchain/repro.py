@@ -10,6 +10,15 @@ chapter reads the same files when pointed at them (``ATTNCHAIN_CACHE``).
 ``scene_saliency``
     Chapter 7: every method on the held-out synthetic scenes
     (:func:`attnchain.tasks.scene_saliency.evaluate`), printed as mean AP per method and weighting.
+``masking``
+    Chapter 9: token masking (:func:`attnchain.tasks.token_masking.evaluate`), the AUC of every
+    ranking with bootstrap intervals beside the paper's, and TokenRank's paired differences.
+    ``--profile offline``: the scene ViT on the held-out scenes; ``--profile full``: the paper's
+    four backbones on ImageNetV2 (``--dataset imagenet-val --data-root DIR`` for ImageNet).
+
+``--profile`` sets ``ATTNCHAIN_PROFILE`` and the defaults of ``--models`` and ``--dataset``;
+``--limit`` is ``--n`` and ``--out`` is ``--results-dir``. Under ``accelerate launch`` the items are
+sharded over the processes (:class:`attnchain.tasks.Runner`).
 
 **Examples**
 
@@ -34,10 +43,10 @@ def _scene_saliency(args) -> None:
     from .data import scenes
     from .tasks import scene_saliency as ss
 
-    for model in args.models:
+    for model in args.models or ["feature-attention", "scene-vit"]:
         for level in args.levels:
             t = ss.evaluate(model, level, n=args.n or scenes.BENCHMARK_SIZE,
-                            results_dir=args.results_dir, batch_size=args.batch_size,
+                            results_dir=args.results_dir, batch_size=args.batch_size or 100,
                             max_bounces=args.max_bounces, progress=not args.no_progress)
             print(f"=== {model} | {level} | {t.item.nunique()} scenes | results in "
                   f"{args.results_dir}")
@@ -45,7 +54,28 @@ def _scene_saliency(args) -> None:
                 print(ss.summarise(t, "ap"))
 
 
-TASKS = {"scene_saliency": _scene_saliency}
+def _masking(args) -> None:
+    import pandas as pd
+
+    from .tasks import token_masking as tm
+
+    full = args.profile == "full"
+    models = args.models or (list(tm.BACKBONES) if full else ["scene-vit"])
+    dataset = args.dataset or ("imagenetv2-matched-frequency" if full else "scenes")
+    for model in models:
+        t = tm.evaluate(model, dataset, n=args.n, results_dir=args.results_dir,
+                        batch_size=args.batch_size or 50, seeds=args.seeds, mode=args.mode,
+                        data_root=args.data_root, progress=not args.no_progress)
+        print(f"=== token masking | profile {args.profile} | {model} | {dataset} | "
+              f"{t.item.nunique()} images | fractions {tm.FRACTIONS[0]}..{tm.FRACTIONS[-1]} "
+              f"step 0.1 | last layer, head mean, alpha 0.99 | {args.seeds} random seeds | "
+              f"mode {args.mode} | results in {args.results_dir}")
+        with pd.option_context("display.precision", 3, "display.width", 120):
+            print(tm.summarise(t))
+            print(tm.versus(t))
+
+
+TASKS = {"scene_saliency": _scene_saliency, "masking": _masking}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -53,14 +83,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     default_dir = Path(os.environ.get("ATTNCHAIN_CACHE", tempfile.gettempdir())) / "attnchain_eval"
     ap = argparse.ArgumentParser(prog="python -m attnchain.repro", description=__doc__.split("\n")[0])
     ap.add_argument("task", choices=sorted(TASKS))
-    ap.add_argument("--models", nargs="+", default=["feature-attention", "scene-vit"])
+    ap.add_argument("--profile", choices=["offline", "full"], default=None,
+                    help="sets ATTNCHAIN_PROFILE (default: the environment's profile)")
+    ap.add_argument("--models", nargs="+", default=None, help="default: the task's models")
     ap.add_argument("--levels", nargs="+", default=["easy", "medium", "hard"])
-    ap.add_argument("--n", type=int, default=None, help="items per level (default: all)")
-    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--dataset", default=None, help="masking: scenes or an ImageNet-class set")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--n", "--limit", type=int, default=None, help="items (default: all)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="items per batch (default: scene_saliency 100, masking 50)")
     ap.add_argument("--max-bounces", type=int, default=10)
-    ap.add_argument("--results-dir", type=Path, default=default_dir)
+    ap.add_argument("--seeds", type=int, default=3, help="masking: random rankings per image")
+    ap.add_argument("--mode", choices=["remove", "mask"], default="remove")
+    ap.add_argument("--results-dir", "--out", type=Path, default=default_dir)
     ap.add_argument("--no-progress", action="store_true")
-    TASKS[(args := ap.parse_args(argv)).task](args)
+    args = ap.parse_args(argv)
+    if args.profile is not None:
+        os.environ["ATTNCHAIN_PROFILE"] = args.profile
+    from .zoo import profile
+
+    args.profile = profile()
+    TASKS[args.task](args)
 
 
 if __name__ == "__main__":

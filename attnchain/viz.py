@@ -30,6 +30,8 @@ __all__ = [
     "show_matrix",
     "spectrum",
     "overlay",
+    "removed_tokens",
+    "accuracy_curves",
     "show_labels",
     "label_colors",
     "patch_map",
@@ -313,6 +315,75 @@ def overlay(heat, image=None, ax=None, alpha: float = 0.55, cmap: str = "inferno
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=8)
+    return ax
+
+
+def removed_tokens(image, removed, grid: tuple[int, int], ax=None, title: str | None = None,
+                   box=None):
+    """Draw an image with its removed patch tokens blanked out (mid grey).
+
+    Parameters
+    ----------
+    image : PIL image, array or Tensor
+        The image the model saw (or the photo, with ``box`` as in :func:`overlay`).
+    removed : bool array_like or Tensor, shape (h * w,) or (h, w)
+        True on the removed patches (grid order, row-major).
+    grid : (int, int)
+        The patch grid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ax = removed_tokens(np.ones((8, 8, 3)), np.array([True, False, False, False]), (2, 2))
+    >>> float(ax.images[-1].get_array()[0, 0, 0]), float(ax.images[-1].get_array()[7, 7, 0])
+    (0.5, 1.0)
+
+    See Also
+    --------
+    overlay, attnchain.interventions.remove_tokens
+    """
+    plt = _plt()
+    img = _as_image(image)
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    gone = patch_map(np.asarray(to_numpy(removed), dtype=np.float64), grid)
+    big, inside = _into_box(gone, img.shape, box, order=0)
+    out = np.where(((big > 0.5) & inside)[..., None], 0.5, img[..., :3])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(out)
+    _outline(ax, box, img.shape)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def accuracy_curves(table, ax=None, title: str | None = None, metric_prefix: str = "acc@"):
+    """Mean accuracy against the removed fraction, one line per ranking, from a task table.
+
+    ``table`` is a token-masking table (:func:`attnchain.tasks.token_masking.evaluate`): rows
+    with metrics ``acc@<f>``; each line is the mean over images, its legend the AUC.
+
+    See Also
+    --------
+    attnchain.tasks.token_masking.auc
+    """
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 3.2))
+    acc = table[table.metric.str.startswith(metric_prefix)]
+    for method, g in acc.groupby("method", sort=False):
+        curve = g.groupby("metric", sort=True)["value"].mean()
+        f = np.array([float(m[len(metric_prefix):]) for m in curve.index])
+        area = table[(table.metric == "auc") & (table.method == method)]["value"].mean()
+        ax.plot(f, curve.to_numpy(), marker="o", ms=3, label=f"{method} (AUC {area:.3f})")
+    ax.set_xlabel("fraction of image tokens removed")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
     return ax
 
 

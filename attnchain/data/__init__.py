@@ -1,4 +1,4 @@
-"""Datasets: the offline synthetic scenes with known answers."""
-from . import scenes
+"""Datasets: the offline synthetic scenes with known answers; ImageNet-class test sets."""
+from . import imagenet, scenes
 
-__all__ = ["scenes"]
+__all__ = ["imagenet", "scenes"]

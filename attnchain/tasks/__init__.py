@@ -5,12 +5,13 @@
   paired differences with bootstrap confidence intervals) and :func:`select`.
 - :mod:`~attnchain.tasks.readouts`: row select, column select, column sum, bounce maps,
   TokenRank and metastable states, read at chosen target tokens.
-- One module per task: :mod:`~attnchain.tasks.scene_saliency` (chapter 7) and
-  :mod:`~attnchain.tasks.same_object` (the same-object AUC of chapters 3 and 5); the locality
+- One module per task: :mod:`~attnchain.tasks.scene_saliency` (chapter 7),
+  :mod:`~attnchain.tasks.same_object` (the same-object AUC of chapters 3 and 5),
+  :mod:`~attnchain.tasks.token_masking` (chapter 9); the locality
   analysis in :mod:`~attnchain.tasks.locality`.
 """
-from . import locality, readouts, same_object, scene_saliency
+from . import locality, readouts, same_object, scene_saliency, token_masking
 from ._runner import COLUMNS, Runner, compare, select, summarise
 
 __all__ = ["COLUMNS", "Runner", "compare", "select", "summarise", "readouts", "locality",
-           "same_object", "scene_saliency"]
+           "same_object", "scene_saliency", "token_masking"]

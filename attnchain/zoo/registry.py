@@ -400,6 +400,18 @@ def _timm_loader(timm_name: str) -> Callable:
 
 #: bf16 sizes of FLUX.1-schnell's parts, from their parameter counts (12B transformer, 4.8B T5-XXL
 #: encoder, CLIP-L and the VAE): GiB.
+def _classifier_loader(name: str, tiny: bool = False) -> Callable:
+    """Loader of an ImageNet classifier of :mod:`attnchain.zoo.classifiers` (or its toy twin)."""
+    def load(device):
+        from timm.data import create_transform
+
+        from attnchain.zoo import classifiers
+        model, cfg = classifiers.tiny(name, device=device) if tiny else \
+            classifiers.build(name, pretrained=weights() == "pretrained", device=device)
+        return model, image_preprocess(create_transform(**cfg, is_training=False), device)
+    return load
+
+
 FLUX_GIB = {"transformer": 22.2, "text_encoder_2": 8.9, "text_encoder": 0.23, "vae": 0.16}
 
 
@@ -503,6 +515,12 @@ def _entries() -> dict[str, ModelEntry]:
         ModelEntry("tiny-flux", "offline", "diffusion",
                    "untrained diffusers FluxTransformer2DModel, 1+1 blocks (plumbing tests)",
                    _load_tiny_flux, "diffusers FluxTransformer2DModel"),
+        *[ModelEntry(f"tiny-{short}-in1k", "offline", "vision",
+                     f"untrained toy twin of {full} (1,000 classes, 4x4 patches; plumbing tests)",
+                     _classifier_loader(full, tiny=True), "attnchain.zoo.classifiers.tiny")
+          for short, full in (("vit", "vit-b16"), ("clip", "clip-vitb16-zeroshot"),
+                              ("dino", "dino-vitb16-linear"),
+                              ("dinov2", "dinov2-reg-vitb14-linear"))],
         ModelEntry("dinov2-reg-vitb14", "full", "vision",
                    "DINOv2 ViT-B/14 with 4 registers (timm, LVD-142M)",
                    _timm_loader("vit_base_patch14_reg4_dinov2.lvd142m"),
@@ -517,6 +535,18 @@ def _entries() -> dict[str, ModelEntry]:
         ModelEntry("vit-b16", "full", "vision", "supervised ViT-B/16 (timm, AugReg ImageNet-21k→1k)",
                    _timm_loader("vit_base_patch16_224.augreg2_in21k_ft_in1k"),
                    "timm vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+        ModelEntry("clip-vitb16-zeroshot", "full", "vision",
+                   "CLIP ViT-B/16 zero-shot ImageNet classifier (timm image tower + CLIP text "
+                   "tower)", _classifier_loader("clip-vitb16-zeroshot"),
+                   "timm vit_base_patch16_clip_224.openai + openai/clip-vit-base-patch16"),
+        ModelEntry("dino-vitb16-linear", "full", "vision",
+                   "DINO ViT-B/16 with its published ImageNet linear classifier",
+                   _classifier_loader("dino-vitb16-linear"),
+                   "timm vit_base_patch16_224.dino + dino_vitbase16_linearweights.pth"),
+        ModelEntry("dinov2-reg-vitb14-linear", "full", "vision",
+                   "DINOv2 ViT-B/14 + 4 registers, 224 px, with its published linear classifier",
+                   _classifier_loader("dinov2-reg-vitb14-linear"),
+                   "timm vit_base_patch14_reg4_dinov2.lvd142m + dinov2_vitb14_reg4_linear_head.pth"),
         ModelEntry("sd15", "full", "diffusion", "Stable Diffusion 1.5 pipeline (diffusers)",
                    _diffusers_loader("StableDiffusionPipeline",
                                      "stable-diffusion-v1-5/stable-diffusion-v1-5"),
