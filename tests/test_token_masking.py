@@ -181,7 +181,7 @@ def test_offline_evaluation_resumes_and_merges_shards(tmp_path):
 
 
 @pytest.mark.parametrize("family", classifiers.FAMILIES)
-def test_full_profile_code_path_on_toy_twins(tmp_path, family):
+def test_full_profile_code_path_on_toy_twins(tmp_path, family, monkeypatch):
     from attnchain.data import imagenet
 
     archive = imagenet.write_imagenetv2_sample(tmp_path, classes=(0, 2, 10), per_class=2, size=40)
@@ -191,7 +191,13 @@ def test_full_profile_code_path_on_toy_twins(tmp_path, family):
             "dino-vitb16-linear": "tiny-dino-in1k", "dinov2-reg-vitb14-linear": "tiny-dinov2-in1k"}
     kw = dict(dataset="imagenetv2-matched-frequency", data_root=root, batch_size=2, seeds=2,
               progress=False)
+    tm.evaluate(name[family], n=3, results_dir=tmp_path / "r", **kw)  # stopped after 3 images
+    computed = []
+    real = tm._batch_rows
+    monkeypatch.setattr(tm, "_batch_rows", lambda *a: computed.append(list(a[3])) or real(*a))
     t = tm.evaluate(name[family], n=6, results_dir=tmp_path / "r", **kw)
+    assert computed == [[3, 4], [5]]  # resumed: only the images not yet in the results file
+    monkeypatch.setattr(tm, "_batch_rows", real)
     assert t.item.nunique() == 6 and "oracle" not in set(t.method)
     assert set(t.method) == set(tm.METHODS) - {"oracle"}
     for i in range(2):

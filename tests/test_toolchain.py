@@ -66,3 +66,17 @@ def test_colab_installs_what_the_chapters_import():
                     owners = {d.lower() for d in dists.get(top, [])}
                     assert owners & allowed, (f"{path.name} imports {top} ({owners}), which "
                                               f"attnchain[chapters] does not install")
+
+
+def test_chapter_code_fits_the_article_column():
+    """The browser check fails a chapter whose code scrolls sideways; catch it before the build.
+
+    100 characters fit the article column of a 1280-pixel window (tests/test_book.py); 104 did not.
+    """
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        wide = [line for c in nb.cells if c.cell_type == "code"
+                for line in c.source.splitlines() if len(line) > 100]
+        assert not wide, f"{path.name}: code lines over 100 characters: {wide[:3]}"
