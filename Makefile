@@ -64,14 +64,17 @@ strict: setup
 	$(PY) -m pytest -q -s --durations=0 tests/test_chapters_strict_cuda.py
 
 # The capture adapters at the lowest versions pyproject.toml admits for timm, transformers and
-# diffusers: a second environment that takes everything else from .venv.
+# diffusers: a second environment that takes everything else from .venv. transformers 5.0 imports
+# `kernels` when present, and kernels >= 0.15 (which .venv's newer transformers pulls in) breaks
+# that import, so the second environment holds the kernels of transformers 5.0's time.
 minimums: setup
 	rm -rf $(VENV)-min && $(PYTHON) -m venv $(VENV)-min
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
 	  > "$$($(VENV)-min/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/base.pth"
 	$(VENV)-min/bin/pip install -q $$($(PY) -c "import tomllib, re; \
 	  deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-	  print(' '.join(re.sub('>=', '==', d) for d in deps if d.split('>')[0] in ('timm', 'transformers', 'diffusers')))")
+	  print(' '.join(re.sub('>=', '==', d) for d in deps if d.split('>')[0] in ('timm', 'transformers', 'diffusers')))") \
+	  "kernels<0.15"
 	PYTHONPATH=$(CURDIR) $(VENV)-min/bin/python -m pytest -q -p no:cacheprovider \
 	  tests/test_capture.py tests/test_capture_diffusers.py tests/test_strict_cuda.py
 
