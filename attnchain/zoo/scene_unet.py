@@ -67,7 +67,7 @@ TEXT_LENGTH = 20
 #: The architecture (``UNet2DConditionModel`` keyword arguments).
 DEFAULT_CONFIG = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
-    block_out_channels=(32, 64, 96), norm_num_groups=16,
+    block_out_channels=(16, 32, 48), norm_num_groups=8,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     cross_attention_dim=384, attention_head_dim=4,

@@ -61,12 +61,12 @@ class TrainConfig:
     """Hyper-parameters of one training run (all of them go into the JSON report)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 800
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 8e-4
     min_lr: float = 1e-5
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     caption_dropout: float = 0.15
@@ -382,6 +382,7 @@ def finalise(cfg: TrainConfig, result: dict, out_dir, log=print) -> dict:
                          f"{chunk_seed(cfg.seed, 0)}.., {cfg.steps * cfg.batch_size} samples "
                          f"({cfg.chunk_reuse} augmented passes per chunk of {cfg.chunk_size})",
         "steps": result["step"],
+        "stopped_early": bool(result.get("stopped_early", False)),
         "training_wall_time_s": round(result["elapsed_s"], 1),
         "training_cpu_time_s": round(result["cpu_s"], 1),
         "training_threads": cfg.threads,
@@ -411,6 +412,13 @@ def summarise_locality(rows: list) -> str:
                      f"{r['kernel_retention']:.3f}" for r in rows)
 
 
+def _checkpoint_step(workdir) -> int:
+    path = Path(workdir) / "checkpoint.pt"
+    if not path.exists():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=TrainConfig.steps)
@@ -427,6 +435,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe", action="store_true",
                     help="only measure attention vs locality and loss (no weights written)")
     ap.add_argument("--smoke", action="store_true", help="40 steps (needs --out)")
+    ap.add_argument("--finish-at", type=int, default=None,
+                    help="finalise from the checkpoint once it holds this many steps (an early "
+                         "stop of the schedule, recorded in the JSON)")
     args = ap.parse_args(argv)
     if args.smoke and Path(args.out).resolve() == SU.WEIGHTS_DIR:
         ap.error("--smoke would overwrite the shipped weights; pass --out")
@@ -439,7 +450,12 @@ def main(argv=None) -> int:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
     log(f"config {json.dumps(asdict(cfg))}")
-    result = train(cfg, args.workdir, log=log, resume=not args.fresh)
+    if args.finish_at is not None:
+        result = train(cfg, args.workdir, log=log, resume=True,
+                       stop_after=max(0, args.finish_at - _checkpoint_step(args.workdir)))
+        result["stopped_early"] = result["step"] < cfg.steps
+    else:
+        result = train(cfg, args.workdir, log=log, resume=not args.fresh)
     if args.probe:
         log("validation " + json.dumps(validation_loss(result["ema"], n=128)))
         for name, m in (("ema", result["ema"]), ("raw", result["unet"])):
