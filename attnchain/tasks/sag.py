@@ -30,7 +30,8 @@ offline profile's pixel-space :class:`attnchain.zoo.scene_unet.SceneDiffusionPip
 
 :func:`evaluate` generates seed-paired samples of several methods on the task runner (resumable,
 sharded with accelerate; the images are saved as PNG files beside the results), and
-:func:`metrics_table` computes IS, FID and KID with torchmetrics from features of a model
+:func:`metrics_table` computes IS :cite:`salimans2016is`, FID :cite:`heusel2017fid` and KID
+:cite:`binkowski2018kid` with torchmetrics from features of a model
 (Inception-v3 in the full profile, the project's scene ViT offline), with bootstrap intervals over
 samples and paired bootstrap intervals on the differences between methods.
 

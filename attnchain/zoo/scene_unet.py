@@ -23,8 +23,9 @@ The weights (``weights/scene_unet.pt``, float16) and how they were made
 **References**
 
 Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022
-:cite:`rombach2022ldm`; Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020;
-Song et al., "Denoising Diffusion Implicit Models", ICLR 2021.
+:cite:`rombach2022ldm`; Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020
+:cite:`ho2020ddpm`; Song et al., "Denoising Diffusion Implicit Models", ICLR 2021
+:cite:`song2021ddim`.
 """
 from __future__ import annotations
 
