@@ -791,6 +791,8 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
     torchmetrics evaluated through the symmetric square root of the fixed reference covariance
     (tested equal), because a :math:`2048 	imes 2048` eigenproblem per resample is too slow.
     """
+    import warnings
+
     from torchmetrics.image.kid import KernelInceptionDistance
 
     methods = list(features)
@@ -816,7 +818,8 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
             f = features[m]
             fake, logits = f["pool"][it].double(), f["logits"][it].double()
             r = {"IS": _inception_score(logits, is_splits, seed + b + 1)}
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*will save all extracted features")
                 torch.manual_seed(seed + b + 1)
                 kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=1,
                                               subset_size=min(len(real), n))
