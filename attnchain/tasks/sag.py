@@ -227,9 +227,9 @@ def gaussian_blur(x: Tensor, kernel_size: int = 9, sigma: float = 1.0) -> Tensor
     Examples
     --------
     >>> import torch
-    >>> x = torch.zeros(1, 1, 9, 9); x[0, 0, 4, 4] = 1
+    >>> x = torch.zeros(1, 1, 21, 21); x[0, 0, 10, 10] = 1
     >>> y = gaussian_blur(x)
-    >>> round(float(y.sum()), 4), bool(y[0, 0, 4, 4] < 1)
+    >>> round(float(y.sum()), 4), bool(y[0, 0, 10, 10] < 1)
     (1.0, True)
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
