@@ -21,7 +21,10 @@ chapter reads the same files when pointed at them (``ATTNCHAIN_CACHE``).
     method, then IS, FID and KID with bootstrap intervals and paired differences, beside the
     paper's table. ``--profile offline``: the project's scene UNet, scene-ViT features, held-out
     scenes as reference; ``--profile full``: SD1.5, Inception features, COCO-2017 val as
-    reference (``--reference DIR``, downloaded to ``--data-root`` when not given).
+    reference (``--reference DIR``, downloaded to ``--data-root`` when not given). The samples
+    and per-sample results are also written to one ``.npz`` file
+    (:func:`attnchain.tasks.sag.export_results`); the offline one of 200 samples ships with the
+    package (:data:`attnchain.tasks.sag.OFFLINE_RESULTS`) and chapter 10 reads it.
 
 ``--profile`` sets ``ATTNCHAIN_PROFILE`` and the defaults of ``--models`` and ``--dataset``;
 ``--limit`` is ``--n`` and ``--out`` is ``--results-dir``. Under ``accelerate launch`` the items are
@@ -88,7 +91,7 @@ def _sag(args) -> None:
     full = args.profile == "full"
     model = (args.models or ["sd15" if full else "scene-unet"])[0]
     n = args.samples or args.n or (1000 if full else 500)
-    steps = args.steps or (50 if full else 25)
+    steps = args.steps or (50 if full else 20)
     kw = dict(seed=0, num_inference_steps=steps, sag_scale=0.75, guidance_scale=1.0)
     t = S.evaluate(model, n, args.results_dir, batch_size=args.batch_size or 25,
                    progress=not args.no_progress, **kw)
@@ -104,7 +107,8 @@ def _sag(args) -> None:
         ref = S.reference_scenes(args.n_reference or 1000)
     reference = feats(ref)
     features = {m: feats(S.load_images(t, args.results_dir, m, **kw)) for m in S.METHODS}
-    table, diffs = S.metrics_table(features, reference, n_boot=args.n_boot)
+    pairs = [("sag", "none"), ("sag_tokenrank", "none"), ("sag_tokenrank", "sag")]
+    table, diffs = S.metrics_table(features, reference, n_boot=args.n_boot, pairs=pairs)
     print(f"=== SAG | profile {args.profile} | {model} | {n} seed-paired unconditional samples per "
           f"method (seeds 0..{n - 1}) | {steps} steps of the pipeline's scheduler | sag_scale 0.75, "
           f"blur 9 taps sigma 1, mid-block self-attention, TokenRank alpha 0.99 | features "
@@ -117,10 +121,13 @@ def _sag(args) -> None:
         print(S.PAPER)
         print("ours:")
         print(table)
-        print("paired differences against no guidance (same seeds):")
+        print("paired differences (same seeds):")
         print(diffs)
         print("fraction of tokens masked (paired, TokenRank - column sum):")
         print(S.paired_differences(t))
+    path = S.export_results(t, args.results_dir, args.results_dir / f"sag_{args.profile}_{model}_"
+                            f"n{n}_steps{steps}.npz", **kw)
+    print(f"samples and per-sample results in one file (sag.load_results): {path}")
 
 
 def pd_options():
@@ -152,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--mode", choices=["remove", "mask"], default="remove")
     ap.add_argument("--samples", type=int, default=None, help="sag: samples per method")
     ap.add_argument("--steps", type=int, default=None,
-                    help="sag: sampler steps (default: 50 full, 25 offline)")
+                    help="sag: sampler steps (default: 50 full, 20 offline)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="sag, full profile: folder of reference images (default COCO-2017 val)")
     ap.add_argument("--n-reference", type=int, default=None,

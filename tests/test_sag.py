@@ -188,7 +188,21 @@ def test_full_profile_path_end_to_end_on_the_tiny_pipeline(tmp_path, monkeypatch
                 "--reference", str(ref), "--n-reference", "4", "--n-boot", "3", "--out", str(out),
                 "--no-progress"])
     text = capsys.readouterr().out
-    assert "profile full" in text and "sag_tokenrank" in text and "16.32" in text
+    assert "profile full" in text and "sag_tokenrank - sag" in text and "16.32" in text
+    # the one-file export of the run: the same images, the per-sample table, the settings
+    res = sag.load_results(out / "sag_full_sd15_n3_steps2.npz")
+    assert res["items"] == [0, 1, 2] and res["settings"]["steps"] == 2
+    assert torch.equal(res["images"]["sag"], imgs)
+    frac = again[(again.metric == "mask_fraction") & (again.method == "sag_tokenrank")]
+    np.testing.assert_array_equal(
+        res["table"].query("metric == 'mask_fraction' and method == 'sag_tokenrank'").value,
+        frac.sort_values("item").value)
+    monkeypatch.undo()
+    monkeypatch.setenv("ATTNCHAIN_WEIGHTS", "random")
+    # a file that does not hold what the sampler draws is caught
+    res["images"]["sag"][1] ^= 1
+    diff = sag.check_results(res, [1], pipe=pipe)
+    assert diff == {"none": 0, "sag": 1, "sag_tokenrank": 0}
 
 
 def test_metrics_table_against_torchmetrics_and_a_hand_fid():
@@ -201,7 +215,7 @@ def test_metrics_table_against_torchmetrics_and_a_hand_fid():
             "logits": torch.randn(40, 3, generator=g, dtype=torch.float64),
             "valid": (torch.rand(40, generator=g) > 0.3).double()}
     other = {k: v.clone() for k, v in fake.items()}
-    table, diffs = sag.metrics_table({"none": fake, "sag": other}, real, n_boot=20)
+    table, diffs = sag.metrics_table({"none": fake, "sag": other}, real, n_boot=4)
     r, f = real["pool"].numpy(), fake["pool"].numpy()
     c1, c2 = np.cov(r, rowvar=False), np.cov(f, rowvar=False)
     fid = ((r.mean(0) - f.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
@@ -219,3 +233,15 @@ def test_metrics_table_against_torchmetrics_and_a_hand_fid():
     assert abs(table.loc["none", "valid"] - float(fake["valid"].mean())) < 1e-12
     # identical samples: every paired difference is exactly zero
     assert (diffs.loc["sag"].abs() < 1e-9).all()
+
+
+def test_shipped_offline_results_are_what_the_sampler_draws():
+    """Chapter 10's table is computed from the committed samples of `repro sag --profile
+    offline`: a fresh random sample of them is drawn again and must be the same images."""
+    res = sag.load_results()
+    st = res["settings"]
+    assert st["model"] == "scene-unet" and st["methods"] == sag.METHODS and st["prompt"] == ""
+    assert res["items"] == list(range(len(res["items"]))) and len(res["items"]) >= 200
+    assert all(v.shape == (len(res["items"]), 3, 32, 32) for v in res["images"].values())
+    items = sorted(int(i) for i in np.random.default_rng().choice(res["items"], 2, replace=False))
+    assert sag.check_results(res, items) == {m: 0 for m in sag.METHODS}, items

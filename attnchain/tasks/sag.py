@@ -77,6 +77,10 @@ __all__ = [
     "load_images",
     "metrics_table",
     "paired_differences",
+    "OFFLINE_RESULTS",
+    "export_results",
+    "load_results",
+    "check_results",
 ]
 
 #: The layer SAG reads: the mid block's self-attention.
@@ -571,6 +575,92 @@ def load_images(table: pd.DataFrame, results_dir, method: str, **settings) -> Te
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
+#: The offline evaluation of ``python -m attnchain.repro sag --profile offline --samples 200``,
+#: committed (:func:`export_results`): 200 seed-paired samples per method of the scene UNet;
+#: ``tests/test_sag.py`` regenerates a random sample of them and finds them identical.
+OFFLINE_RESULTS = Path(__file__).with_name("results") / "sag_offline.npz"
+
+
+def export_results(table: pd.DataFrame, results_dir, path, **settings) -> Path:
+    """Write the samples of an :func:`evaluate` run into one compressed ``.npz`` file.
+
+    The file holds, per method, the images ``(n, 3, H, W)`` uint8 in item order, the
+    ``mask_fraction`` and ``seconds`` of every sample, the items and the sampler settings (as
+    JSON): everything :func:`metrics_table` and :func:`paired_differences` need, in one small
+    file a chapter can read (:func:`load_results`) and a test can check (:func:`check_results`).
+    ``settings`` are the keyword arguments :func:`evaluate` was called with.
+    """
+    import json
+
+    model = str(table["model"].iloc[0])
+    runner = _runner_of(results_dir, model, settings)
+    items = np.array(sorted(int(i) for i in table["item"].unique()))
+    arrays = {"items": items, "settings": np.array(json.dumps(runner.settings, sort_keys=True)),
+              "version": np.array(VERSION)}
+    for m in runner.settings["methods"]:
+        arrays[f"images/{m}"] = load_images(table, results_dir, m, **settings).numpy()
+        for metric in ("mask_fraction", "seconds"):
+            d = table[(table.method == m) & (table.metric == metric)].set_index("item")
+            arrays[f"{metric}/{m}"] = d.loc[items, "value"].to_numpy(np.float64)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_results(path=OFFLINE_RESULTS) -> dict:
+    """Read a file of :func:`export_results`.
+
+    Returns
+    -------
+    dict
+        ``settings`` (dict: ``model``, ``methods``, ``seed``, ``steps``, ``sag_scale``,
+        ``guidance_scale``, ``alpha``, ``prompt``), ``items`` (list of int), ``images``
+        (``{method: (n, 3, H, W) uint8 Tensor}``) and ``table`` (the long table of
+        :func:`evaluate`: ``mask_fraction`` and ``seconds`` per sample and method).
+    """
+    import json
+
+    with np.load(path) as z:
+        settings = json.loads(str(z["settings"]))
+        if int(z["version"]) != VERSION:
+            raise ValueError(f"{path} was made by version {int(z['version'])} of the SAG "
+                             f"sampler, this is version {VERSION}: run the repro command again")
+        items = [int(i) for i in z["items"]]
+        images = {m: torch.from_numpy(z[f"images/{m}"]) for m in settings["methods"]}
+        rows = [(settings["model"], i, m, "-", metric, float(v))
+                for m in settings["methods"] for metric in ("mask_fraction", "seconds")
+                for i, v in zip(items, z[f"{metric}/{m}"])]
+    table = pd.DataFrame(rows, columns=["model", "item", "method", "weighting", "metric",
+                                        "value"])
+    return {"settings": settings, "items": items, "images": images, "table": table}
+
+
+def check_results(results: dict, items: Sequence[int], pipe=None) -> dict:
+    """Regenerate ``items`` of a :func:`load_results` file with :func:`sample` and compare.
+
+    Returns ``{method: largest absolute difference in uint8 levels}`` over the items (0: the
+    file's images are reproduced exactly). ``pipe`` defaults to ``attnchain.zoo.load`` of the
+    file's model.
+    """
+    st = results["settings"]
+    pipe = ac.zoo.load(st["model"])[0] if pipe is None else pipe
+    pos = [results["items"].index(int(i)) for i in items]
+    out = {}
+    for m, rule in st["methods"].items():
+        gens = [torch.Generator().manual_seed(st["seed"] + int(i)) for i in items]
+        imgs = sample(pipe, st["prompt"], rule=rule, sag_scale=st["sag_scale"],
+                      guidance_scale=st["guidance_scale"], num_inference_steps=st["steps"],
+                      num_images_per_prompt=len(items), generator=gens,
+                      alpha=st["alpha"])["images"]
+        got = (imgs.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        want = results["images"][m][pos]
+        out[m] = int((got.int() - want.int()).abs().max())
+    return out
+
+
 def _runner_of(results_dir, model_name: str, kw: dict) -> Runner:
     methods = dict(METHODS if kw.get("methods") is None else kw["methods"])
     settings = dict(model=model_name, methods={k: (v if isinstance(v, str) or v is None
@@ -749,7 +839,8 @@ class _FrechetToReference:
 
 def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: float = 0.95,
                   is_splits: int = 10, kid_subsets: int = 100, kid_size: int = 1000,
-                  seed: int = 0, baseline: str = "none") -> tuple:
+                  seed: int = 0, baseline: str = "none",
+                  pairs: Optional[Sequence[tuple]] = None) -> tuple:
     r"""IS, FID and KID of every method with bootstrap intervals, and paired differences.
 
     Parameters
@@ -770,6 +861,9 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
         Seed of the resampling and of KID's and IS's random subsets.
     baseline : str
         The method the differences are taken against.
+    pairs : sequence of (str, str), optional
+        The differences ``a − b`` to report instead, e.g. ``[("sag", "none"),
+        ("sag_tokenrank", "sag")]``; the index of ``differences`` is then ``"a - b"``.
 
     Returns
     -------
@@ -778,8 +872,9 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
         ``valid``: the scene-validity rate) the value on all samples (torchmetrics) and
         ``<metric> low`` / ``<metric> high``.
     differences : pandas.DataFrame
-        Index ``method`` (all but the baseline); per metric ``method − baseline`` and its paired
-        interval: the same resampled seeds for both methods in every resample.
+        Index ``method`` (all but the baseline; ``"a - b"`` with ``pairs``); per metric
+        ``method − baseline`` and its paired interval: the same resampled seeds for both methods
+        in every resample.
 
     Notes
     -----
@@ -789,7 +884,7 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
     as torchmetrics' with one subset of ``min(n_real, n)`` samples (the unbiased MMD² of the
     resample against a random subset of the reference); FID by the exact formula of
     torchmetrics evaluated through the symmetric square root of the fixed reference covariance
-    (tested equal), because a :math:`2048 	imes 2048` eigenproblem per resample is too slow.
+    (tested equal), because a :math:`2048 \times 2048` eigenproblem per resample is too slow.
     """
     import warnings
 
@@ -840,8 +935,15 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
         return row
 
     rows = {m: summary(pd.DataFrame(vals[m])) for m in methods}
-    diffs = {m: summary(pd.DataFrame(vals[m]) - pd.DataFrame(vals[baseline]))
-             for m in methods if m != baseline and baseline in vals}
+    if pairs is None:
+        diffs = {m: summary(pd.DataFrame(vals[m]) - pd.DataFrame(vals[baseline]))
+                 for m in methods if m != baseline and baseline in vals}
+    else:
+        bad = [p for p in pairs if len(p) != 2 or p[0] not in vals or p[1] not in vals]
+        if bad:
+            raise ValueError(f"pairs must be (method, method) of {methods}, got {bad}")
+        diffs = {f"{a} - {b}": summary(pd.DataFrame(vals[a]) - pd.DataFrame(vals[b]))
+                 for a, b in pairs}
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
     differences = pd.DataFrame.from_dict(diffs, orient="index").rename_axis("method")
     return table, differences

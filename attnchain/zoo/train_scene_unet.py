@@ -253,17 +253,17 @@ def train(cfg: TrainConfig, workdir, log=print, resume: bool = True,
 
 @torch.no_grad()
 def validation_loss(unet, n: int = 256, seed: int = 0, caption: bool = True,
-                    size: int = 32, batch: int = 64) -> dict:
+                    size: int = 32, batch: int = 64, n_stats: int = 4096) -> dict:
     r"""Noise-prediction MSE on ``n`` validation scenes, beside two trivial predictors.
 
     ``zero``: predict :math:`\hat\epsilon = 0` (MSE 1). ``gaussian``: the best predictor when
     every pixel-channel were an independent Gaussian with the training data's mean :math:`\mu`
-    and variance :math:`\sigma^2` (per position, estimated on 4096 training scenes):
+    and variance :math:`\sigma^2` (per position, estimated on ``n_stats`` training scenes):
     :math:`\hat\epsilon = \sqrt{1-\bar\alpha_t}\,(x_t - \sqrt{\bar\alpha_t}\mu) /
     (\bar\alpha_t \sigma^2 + 1 - \bar\alpha_t)`. Same scenes, timesteps and noise for all three.
     """
     sched = SU.make_scheduler("ddpm")
-    ref = to_model_range(S.generate(4096, chunk_seed(0, 9999), "easy", size).images)
+    ref = to_model_range(S.generate(n_stats, chunk_seed(0, 9999), "easy", size).images)
     mu, var = ref.mean(0), ref.var(0)
     sc = S.generate(n, VAL_SEED, "easy", size)
     x0 = to_model_range(sc.images)
