@@ -202,7 +202,7 @@ def test_full_profile_path_end_to_end_on_the_tiny_pipeline(tmp_path, monkeypatch
     # a file that does not hold what the sampler draws is caught
     res["images"]["sag"][1] ^= 1
     diff = sag.check_results(res, [1], pipe=pipe)
-    assert diff == {"none": 0, "sag": 1, "sag_tokenrank": 0}
+    assert diff["none"] == diff["sag_tokenrank"] == (0, 0.0) and diff["sag"] == (1, 1.0)
 
 
 def test_metrics_table_against_torchmetrics_and_a_hand_fid():
@@ -244,4 +244,6 @@ def test_shipped_offline_results_are_what_the_sampler_draws():
     assert res["items"] == list(range(len(res["items"]))) and len(res["items"]) >= 200
     assert all(v.shape == (len(res["items"]), 3, 32, 32) for v in res["images"].values())
     items = sorted(int(i) for i in np.random.default_rng().choice(res["items"], 2, replace=False))
-    assert sag.check_results(res, items) == {m: 0 for m in sag.METHODS}, items
+    diff = sag.check_results(res, items)
+    # drawn in batches of 25 there, of 2 here: float32 rounding moves a rare value by one level
+    assert all(d <= 1 and frac < 2e-3 for d, frac in diff.values()), (items, diff)
