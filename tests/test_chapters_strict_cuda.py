@@ -33,6 +33,10 @@ SMOKE = {
     "09_token_masking": {"N_IMAGES": 4, "BATCH_SIZE": 2, "N_BOOT": 200, "SEEDS": 1,
                          "DATA_ROOT": str(OUT / "imagenetv2"),
                          "DATA_ARCHIVE": str(OUT / "imagenetv2-matched-frequency.tar.gz")},
+    # "sd15" under ATTNCHAIN_WEIGHTS=random is a reduced stand-in of SD1.5's classes
+    # (attnchain.zoo.tiny_sd): SD1.5 at its real size cannot run on CI's CPU
+    "10_sag": {"N_SAMPLES": 2, "STEPS": 2, "BATCH_SIZE": 2, "N_REFERENCE": 3, "N_BOOT": 3,
+               "REFERENCE_DIR": str(OUT / "sag_reference" / "val2017")},
 }
 
 
@@ -45,8 +49,21 @@ def _imagenetv2_sample():
     assert archive == OUT / "imagenetv2-matched-frequency.tar.gz", archive
 
 
+def _sag_reference():
+    """Chapter 10's full profile compares with COCO-2017 val: a few images in its layout."""
+    import numpy as np
+    from PIL import Image
+
+    folder = OUT / "sag_reference" / "val2017"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+            folder / f"{i:012d}.jpg")
+
+
 #: Data a chapter's full profile needs, written before it runs.
-SETUP = {"09_token_masking": _imagenetv2_sample}
+SETUP = {"09_token_masking": _imagenetv2_sample, "10_sag": _sag_reference}
 
 STRICT_CELL = """\
 from attnchain.testing import strict_cuda
