@@ -328,12 +328,14 @@ def download(root=None, limit: Optional[int] = None, maps_archive=None,
     Returns
     -------
     Path
-        ``root``. Files already present are not fetched again.
+        ``root``. Files already present are not fetched again; a list already in ``root`` is
+        used as it is (a subset, or a list of one's own).
 
     Raises
     ------
     ValueError
-        The downloaded list is not the published one (its SHA-256 differs).
+        The downloaded list is not the published one (its SHA-256 differs); the label archive
+        lacks a listed image.
     """
     from tqdm.auto import tqdm
 
@@ -341,10 +343,11 @@ def download(root=None, limit: Optional[int] = None, maps_archive=None,
     listed = root / CURATED_LIST
     if not listed.exists():
         _fetch(CURATED_URL, listed)
-    digest = hashlib.sha256(listed.read_bytes()).hexdigest()
-    if digest != CURATED_SHA256:
-        raise ValueError(f"{listed} is not DiffSeg's curated list (SHA-256 {digest}); delete it "
-                         "and download again")
+        digest = hashlib.sha256(listed.read_bytes()).hexdigest()
+        if digest != CURATED_SHA256:
+            listed.unlink()
+            raise ValueError(f"{CURATED_URL} is not DiffSeg's curated list (SHA-256 {digest}, "
+                             f"expected {CURATED_SHA256})")
     ids = _read_list(listed)[:limit]
     for stem in tqdm(ids, desc="COCO val2017 images", disable=not progress):
         path = root / "val2017" / f"{stem}.jpg"
