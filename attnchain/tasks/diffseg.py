@@ -54,7 +54,8 @@ the output size (64² → 512² for SD) and every pixel takes the index of the l
     the stationary distribution instead of placing them uniformly, with the same budget.
 ``tokenrank_nms``
     Deterministic: the tokens in decreasing order of :math:`\pi`, each kept only if no kept token
-    lies within ``radius`` (grid units; default half the grid spacing), up to ``k``.
+    lies closer than ``radius`` (grid units; default three quarters of the grid spacing, so that
+    about as many anchors fit as the grid has), up to ``k``.
 ``random``
     The control: ``k`` tokens uniformly at random without replacement (same generator).
 
@@ -99,7 +100,7 @@ from torch import Tensor
 __all__ = ["TIMESTEP", "KL_THRESHOLD", "ITERATIONS", "POINTS", "ALPHA", "SAMPLERS", "PAPER",
            "resolution_weights", "aggregate", "grid_anchors", "sample_anchors",
            "symmetric_kl", "merge", "label_map", "segment", "Segmentation", "confusion",
-           "hungarian_counts", "scores", "planted_attention"]
+           "hungarian_counts", "relabel", "scores", "planted_attention"]
 
 #: DiffSeg's diffusion timestep (of 1,000) for the single UNet pass on the clean latent.
 TIMESTEP = 300
@@ -313,8 +314,8 @@ def sample_anchors(A: Tensor, grid, sampler: str = "grid", points: int = POINTS,
     seeds : sequence of int, optional
         One seed per image for the random samplers (default ``0 .. B-1``).
     radius : float, optional
-        ``tokenrank_nms``: suppression radius in grid units (default half the grid spacing,
-        at least 1).
+        ``tokenrank_nms``: suppression radius in grid units (default three quarters of the grid
+        spacing, at least 1).
     pi : Tensor, shape (B, N), optional
         TokenRank of ``A`` if already computed.
 
@@ -367,7 +368,7 @@ def sample_anchors(A: Tensor, grid, sampler: str = "grid", points: int = POINTS,
         logp = torch.log(pi.double().clamp_min(1e-300))
         return (logp + _gumbel(N, seeds, A.device)).topk(k, -1).indices
     step = max((h - 1) // max(min(points, h) - 1, 1), (w - 1) // max(min(points, w) - 1, 1), 1)
-    radius = max(step / 2, 1.0) if radius is None else float(radius)
+    radius = max(0.75 * step, 1.0) if radius is None else float(radius)
     rr, cc = torch.meshgrid(torch.arange(h, device=A.device), torch.arange(w, device=A.device),
                             indexing="ij")
     pos = torch.stack([rr.reshape(-1), cc.reshape(-1)], -1).double()
@@ -733,6 +734,35 @@ def hungarian_counts(pred: Tensor, target: Tensor, n_class: int) -> dict:
         out["fp"][b, rows] = hist[b][:, cols].sum(0) - tp
         out["match"][b, rows] = cols
     return out
+
+
+def relabel(pred: Tensor, target: Tensor, n_class: int) -> Tensor:
+    """Rename each image's segments to the class the Hungarian matching gives them.
+
+    A segment matched to class ``c`` becomes ``c``; unmatched segments become ``n_class,
+    n_class + 1, ...`` (in order of their labels). For drawing a segmentation in the colours of
+    its ground truth; the metrics do not need it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> relabel(torch.tensor([[5, 5, 2, 7]]), torch.tensor([[0, 0, 1, 1]]), 2).tolist()
+    [[0, 0, 1, 2]]
+    """
+    match = hungarian_counts(pred, target, n_class)["match"]
+    flat = pred.reshape(pred.shape[0], -1).long()
+    out = torch.empty_like(flat)
+    for b in range(flat.shape[0]):
+        size = max(int(flat[b].max()) + 1, int(match[b].max()) + 1)
+        table = torch.full((size,), -1, dtype=torch.long)
+        counts = torch.bincount(flat[b].cpu(), minlength=size)
+        for c in range(n_class):
+            if counts[match[b, c]] > 0:
+                table[match[b, c]] = c
+        rest = [j for j in range(size) if table[j] < 0 and counts[j] > 0]
+        table[rest] = torch.arange(n_class, n_class + len(rest))
+        out[b] = table.to(flat.device)[flat[b]]
+    return out.reshape(pred.shape)
 
 
 def scores(tp, fp, fn, total) -> tuple:

@@ -314,8 +314,9 @@ def evaluate(model_name: str = "feature-attention", dataset: str = "scenes-easy"
              samplers: Sequence[str] = ("grid", "tokenrank"), threshold=ds.KL_THRESHOLD,
              iterations: int = ds.ITERATIONS, points: int = ds.POINTS, k: Optional[int] = None,
              timestep: int = ds.TIMESTEP, alpha: float = ds.ALPHA, control: bool = False,
-             batch_size: int = 8, model=None, data_root=None, size: Optional[int] = None,
-             progress: bool = True, shard: Optional[tuple] = None) -> pd.DataFrame:
+             radius: Optional[float] = None, batch_size: int = 8, model=None, data_root=None,
+             size: Optional[int] = None, progress: bool = True,
+             shard: Optional[tuple] = None) -> pd.DataFrame:
     """DiffSeg with every sampler on ``n`` images, resumably (see the module docstring).
 
     Parameters
@@ -333,8 +334,8 @@ def evaluate(model_name: str = "feature-attention", dataset: str = "scenes-easy"
         Anchor samplers (:data:`attnchain.tasks.diffseg.SAMPLERS`).
     threshold : float or dict
         :math:`\\tau`, for every chain or ``{"attention": ..., "kernel": ...}``.
-    iterations, points, k, alpha
-        DiffSeg's settings (:func:`attnchain.tasks.diffseg.segment`).
+    iterations, points, k, alpha, radius
+        DiffSeg's settings and the samplers' (:func:`attnchain.tasks.diffseg.segment`).
     timestep : int
         Diffusion timestep of the UNet pass.
     control : bool
@@ -371,7 +372,8 @@ def evaluate(model_name: str = "feature-attention", dataset: str = "scenes-easy"
     source = Source(dataset, n, data_root, size)
     settings = dict(model=model_name, dataset=dataset, samplers=samplers, threshold=thresholds,
                     iterations=iterations, points=points, k=k, timestep=timestep, alpha=alpha,
-                    control=bool(control), size=source.size, n_class=source.n_class)
+                    radius=radius, control=bool(control), size=source.size,
+                    n_class=source.n_class)
     runner = Runner(TASK, VERSION, settings, results_dir, labels=("model", "dataset"),
                     columns=("chain",))
     state = {}
@@ -408,7 +410,8 @@ def _batch_rows(net, pre, source, items, st) -> list:
                                                       for s in st["samplers"]) else None
         for sampler in st["samplers"]:
             anchors = ds.sample_anchors(C, grid, sampler, points=st["points"], k=st["k"],
-                                        alpha=st["alpha"], seeds=list(items), pi=pi)
+                                        alpha=st["alpha"], seeds=list(items), pi=pi,
+                                        radius=st["radius"])
             merged = ds.merge(C, anchors, st["threshold"][chain], st["iterations"])
             pred = ds.label_map(merged, grid, source.size)
             counts = ds.hungarian_counts(pred, labels, source.n_class)
