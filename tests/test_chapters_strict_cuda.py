@@ -33,6 +33,9 @@ SMOKE = {
     "09_token_masking": {"N_IMAGES": 4, "BATCH_SIZE": 2, "N_BOOT": 200, "SEEDS": 1,
                          "DATA_ROOT": str(OUT / "imagenetv2"),
                          "DATA_ARCHIVE": str(OUT / "imagenetv2-matched-frequency.tar.gz")},
+    # the SD1.4 stand-in (attnchain.zoo.stable_diffusion) at 128 px: a 16 x 16 latent, 4 levels
+    "11_diffseg": {"N_IMAGES": 2, "SIZE": 128, "BATCH_SIZE": 2, "N_BOOT": 100, "SHOW": 0,
+                   "DATA_ROOT": str(OUT / "coco-stuff")},
 }
 
 
@@ -45,8 +48,15 @@ def _imagenetv2_sample():
     assert archive == OUT / "imagenetv2-matched-frequency.tar.gz", archive
 
 
+def _coco_stuff_sample():
+    """Chapter 11's full profile reads COCO-Stuff-27: a small folder in DiffSeg's layout."""
+    from attnchain.data import coco_stuff
+
+    coco_stuff.write_sample(OUT / "coco-stuff", n=2, shape=(120, 160))
+
+
 #: Data a chapter's full profile needs, written before it runs.
-SETUP = {"09_token_masking": _imagenetv2_sample}
+SETUP = {"09_token_masking": _imagenetv2_sample, "11_diffseg": _coco_stuff_sample}
 
 STRICT_CELL = """\
 from attnchain.testing import strict_cuda

@@ -26,7 +26,7 @@ def _same_partition(a, b) -> bool:
 @pytest.mark.parametrize("sampler", ds.SAMPLERS)
 def test_planted_blocks_are_found_exactly(sampler):
     sizes = [70, 9, 23, 40, 114]                    # unequal blocks on a 16 x 16 grid
-    for seed in range(3):
+    for seed in range(2):
         A, truth = ds.planted_attention((16, 16), sizes, leak=0.05, noise=0.3, seed=seed)
         seg = ds.segment(A[None], (16, 16), sampler=sampler, points=16, seeds=[seed])
         assert seg.segments == [len(sizes)]
@@ -50,7 +50,7 @@ def test_a_block_without_an_anchor_is_lost_not_invented():
     assert seg.segments == [1]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(3, 30), min_size=2, max_size=5), st.integers(0, 10 ** 6))
 def test_merging_is_invariant_to_token_order(sizes, seed):
     n = sum(sizes)

@@ -8,9 +8,8 @@ labels mapped to their 27 *supercategories* (12 thing and 15 stuff classes).
 
 **Where the files come from** (:func:`download`)
 
-- the curated list: DiffSeg's repository,
-  ``https://raw.githubusercontent.com/google/diffseg/main/data/coco/Coco164kFull_Stuff_Coarse_7.txt``
-  (checked against :data:`CURATED_SHA256` and :data:`CURATED_SIZE`);
+- the curated list: DiffSeg's repository, :data:`CURATED_URL` (``data/coco/`` of
+  ``google/diffseg``), checked against :data:`CURATED_SHA256` (2,175 ids, :data:`CURATED_SIZE`);
 - the images: COCO's image server, ``http://images.cocodataset.org/val2017/<id>.jpg``, one file
   per image;
 - the stuff+thing label maps: the COCO-Stuff archive ``stuffthingmaps_trainval2017.zip``

@@ -510,8 +510,8 @@ def label_map(maps: Sequence[Tensor], grid, size=None) -> Tensor:
 
     Returns
     -------
-    LongTensor, shape (B, *size)
-        Segment index ``0 .. S_b - 1`` per pixel, on the maps' device.
+    LongTensor, shape (B, H, W)
+        ``(H, W)`` = ``size``: the segment index ``0 .. S_b - 1`` per pixel, on the maps' device.
 
     Examples
     --------
@@ -539,7 +539,7 @@ class Segmentation:
 
     Attributes
     ----------
-    labels : LongTensor, shape (B, *size)
+    labels : LongTensor, shape (B, H, W)
     maps : list of Tensor
         Per image, the merged maps ``(S_b, N)``.
     anchors : LongTensor, shape (B, K)
@@ -675,7 +675,8 @@ def confusion(pred: Tensor, target: Tensor, n_class: int) -> Tensor:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     if isinstance(n_class, bool) or not isinstance(n_class, int) or n_class < 1:
         raise ValueError(f"n_class must be a positive int, got {n_class!r}")
-    pred, target = pred.reshape(pred.shape[0], -1).long(), target.reshape(target.shape[0], -1).long()
+    pred = pred.reshape(pred.shape[0], -1).long()
+    target = target.reshape(target.shape[0], -1).long()
     if bool((pred < 0).any()):
         raise ValueError("predicted labels must be nonnegative")
     P = max(n_class, int(pred.max()) + 1 if pred.numel() else n_class)
@@ -690,7 +691,8 @@ def hungarian_counts(pred: Tensor, target: Tensor, n_class: int) -> dict:
     r"""Per-image Hungarian matching and each class's TP, FP and FN, as DiffSeg counts them.
 
     For each image the confusion matrix (:func:`confusion`) is matched one-to-one, class to
-    predicted label, maximising the matched pixel count (:func:`scipy.optimize.linear_sum_assignment`);
+    predicted label, maximising the matched pixel count
+    (:func:`scipy.optimize.linear_sum_assignment`);
     ``TP_c`` is the count of class ``c`` with its label, ``FN_c`` the rest of class ``c``,
     ``FP_c`` the pixels of ``c``'s label that belong to other classes. Labels matched to no class
     count for no class.

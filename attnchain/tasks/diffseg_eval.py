@@ -575,7 +575,7 @@ def paper_table() -> pd.DataFrame:
 
     Examples
     --------
-    >>> paper_table().loc["tokenrank", "mACC"]
+    >>> float(paper_table().loc["tokenrank", "mACC"])
     84.97
     """
     return pd.DataFrame({s: {"mACC": v[0], "mIoU": v[1]} for s, v in ds.PAPER.items()}).T \
