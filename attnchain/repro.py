@@ -15,6 +15,13 @@ chapter reads the same files when pointed at them (``ATTNCHAIN_CACHE``).
     ranking with bootstrap intervals beside the paper's, and TokenRank's paired differences.
     ``--profile offline``: the scene ViT on the held-out scenes; ``--profile full``: the paper's
     four backbones on ImageNetV2 (``--dataset imagenet-val --data-root DIR`` for ImageNet).
+``sag``
+    Chapter 10: Self-Attention Guidance with the column-sum and the TokenRank mask
+    (:func:`attnchain.tasks.sag.evaluate`): ``--samples`` seed-paired unconditional samples per
+    method, then IS, FID and KID with bootstrap intervals and paired differences, beside the
+    paper's table. ``--profile offline``: the project's scene UNet, scene-ViT features, held-out
+    scenes as reference; ``--profile full``: SD1.5, Inception features, COCO-2017 val as
+    reference (``--reference DIR``, downloaded to ``--data-root`` when not given).
 
 ``diffseg``
     Chapter 11: DiffSeg (:func:`attnchain.tasks.diffseg_eval.evaluate`) with every anchor
@@ -81,6 +88,54 @@ def _masking(args) -> None:
         with pd.option_context("display.precision", 3, "display.width", 120):
             print(tm.summarise(t))
             print(tm.versus(t))
+
+
+def _sag(args) -> None:
+    from .tasks import sag as S
+
+    full = args.profile == "full"
+    model = (args.models or ["sd15" if full else "scene-unet"])[0]
+    n = args.samples or args.n or (1000 if full else 500)
+    steps = args.steps or 50
+    kw = dict(seed=0, num_inference_steps=steps, sag_scale=0.75, guidance_scale=1.0)
+    t = S.evaluate(model, n, args.results_dir, batch_size=args.batch_size or 25,
+                   progress=not args.no_progress, **kw)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    feats = S.Features("inception" if full else "scene-vit")
+    if full:
+        ref_dir = args.reference or S.coco_val2017(args.data_root or args.results_dir / "coco")
+        ref = S.reference_folder(ref_dir, n=args.n_reference or 5000, size=512)
+    else:
+        ref = S.reference_scenes(args.n_reference or 1000)
+    reference = feats(ref)
+    features = {m: feats(S.load_images(t, args.results_dir, m, **kw)) for m in S.METHODS}
+    table, diffs = S.metrics_table(features, reference, n_boot=args.n_boot)
+    print(f"=== SAG | profile {args.profile} | {model} | {n} seed-paired unconditional samples per "
+          f"method (seeds 0..{n - 1}) | {steps} steps of the pipeline's scheduler | sag_scale 0.75, "
+          f"blur 9 taps sigma 1, mid-block self-attention, TokenRank alpha 0.99 | features "
+          f"{feats.name} | reference {len(ref)} "
+          f"{'COCO-2017 val images (512 px centre crops)' if full else 'held-out easy scenes'}"
+          f" | IS {10} splits, KID subsets of min(1000, n) | {args.n_boot} bootstrap resamples, "
+          f"95% intervals | results in {args.results_dir}")
+    with pd_options():
+        print("paper (SD1.5, unconditional):")
+        print(S.PAPER)
+        print("ours:")
+        print(table)
+        print("paired differences against no guidance (same seeds):")
+        print(diffs)
+        print("fraction of tokens masked (paired, TokenRank - column sum):")
+        print(S.paired_differences(t))
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.precision", 3, "display.width", 160,
+                             "display.max_columns", 30)
 
 
 def _diffseg(args) -> None:
@@ -150,7 +205,8 @@ def _diffseg(args) -> None:
                           .round(2).to_string())
 
 
-TASKS = {"scene_saliency": _scene_saliency, "masking": _masking, "diffseg": _diffseg}
+TASKS = {"scene_saliency": _scene_saliency, "masking": _masking, "sag": _sag,
+         "diffseg": _diffseg}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -171,6 +227,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--max-bounces", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=3, help="masking: random rankings per image")
     ap.add_argument("--mode", choices=["remove", "mask"], default="remove")
+    ap.add_argument("--samples", type=int, default=None, help="sag: samples per method")
+    ap.add_argument("--steps", type=int, default=None, help="sag: sampler steps (default 50)")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="sag, full profile: folder of reference images (default COCO-2017 val)")
+    ap.add_argument("--n-reference", type=int, default=None,
+                    help="sag: reference images (default: 5000 full, 1000 offline)")
+    ap.add_argument("--n-boot", type=int, default=200, help="sag: bootstrap resamples")
     ap.add_argument("--samplers", nargs="+", default=None,
                     help="diffseg: anchor samplers (default all of attnchain.tasks.diffseg."
                          "SAMPLERS)")

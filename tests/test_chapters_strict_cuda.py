@@ -33,6 +33,10 @@ SMOKE = {
     "09_token_masking": {"N_IMAGES": 4, "BATCH_SIZE": 2, "N_BOOT": 200, "SEEDS": 1,
                          "DATA_ROOT": str(OUT / "imagenetv2"),
                          "DATA_ARCHIVE": str(OUT / "imagenetv2-matched-frequency.tar.gz")},
+    # "sd15" under ATTNCHAIN_WEIGHTS=random is a reduced stand-in of SD1.5's classes
+    # (attnchain.zoo.tiny_sd): SD1.5 at its real size cannot run on CI's CPU
+    "10_sag": {"N_SAMPLES": 2, "STEPS": 2, "BATCH_SIZE": 2, "N_REFERENCE": 3, "N_BOOT": 3,
+               "REFERENCE_DIR": str(OUT / "sag_reference" / "val2017")},
     # the SD1.4 stand-in (attnchain.zoo.stable_diffusion) at 128 px: a 16 x 16 latent, 4 levels
     "11_diffseg": {"N_IMAGES": 2, "SIZE": 128, "BATCH_SIZE": 2, "N_BOOT": 100, "SHOW": 0,
                    "DATA_ROOT": str(OUT / "coco-stuff")},
@@ -48,6 +52,19 @@ def _imagenetv2_sample():
     assert archive == OUT / "imagenetv2-matched-frequency.tar.gz", archive
 
 
+def _sag_reference():
+    """Chapter 10's full profile compares with COCO-2017 val: a few images in its layout."""
+    import numpy as np
+    from PIL import Image
+
+    folder = OUT / "sag_reference" / "val2017"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+            folder / f"{i:012d}.jpg")
+
+
 def _coco_stuff_sample():
     """Chapter 11's full profile reads COCO-Stuff-27: a small folder in DiffSeg's layout."""
     from attnchain.data import coco_stuff
@@ -56,7 +73,8 @@ def _coco_stuff_sample():
 
 
 #: Data a chapter's full profile needs, written before it runs.
-SETUP = {"09_token_masking": _imagenetv2_sample, "11_diffseg": _coco_stuff_sample}
+SETUP = {"09_token_masking": _imagenetv2_sample, "10_sag": _sag_reference,
+         "11_diffseg": _coco_stuff_sample}
 
 STRICT_CELL = """\
 from attnchain.testing import strict_cuda

@@ -459,6 +459,12 @@ def flux_placement(gpu_bytes: int, host_bytes: int) -> str:
 def _diffusers_loader(pipeline: str, repo: str) -> Callable:
     def load(device):
         import diffusers
+        if pipeline == "StableDiffusionPipeline" and weights() == "random":
+            # SD1.5 at its real size cannot run on CI's CPU: a reduced stand-in of the same
+            # classes (attnchain.zoo.tiny_sd), random weights, nothing downloaded
+            from attnchain.zoo.tiny_sd import build_tiny_sd
+            pipe = build_tiny_sd(device=device)
+            return pipe, lambda x: x
         cls = getattr(diffusers, pipeline)
         dtype = torch.float16 if pipeline == "StableDiffusionPipeline" else torch.bfloat16
         if device.type != "cuda":
@@ -512,6 +518,13 @@ def _entries() -> dict[str, ModelEntry]:
         ModelEntry("tiny-unet", "offline", "diffusion",
                    "untrained diffusers UNet2DConditionModel, 16×16 latents (plumbing tests)",
                    _load_tiny_unet, "diffusers UNet2DConditionModel"),
+        ModelEntry("scene-unet", "offline", "diffusion",
+                   "SD-class UNet2DConditionModel trained by the project on synthetic scenes "
+                   "(pixel space, MiniLM captions; a diffusers pipeline, ships its weights)",
+                   _project_builder("scene_unet"), "attnchain.zoo.scene_unet"),
+        ModelEntry("tiny-sd", "offline", "diffusion",
+                   "untrained Stable Diffusion pipeline of toy components (UNet, VAE, CLIP text; "
+                   "plumbing tests)", _project_builder("tiny_sd"), "attnchain.zoo.tiny_sd"),
         ModelEntry("tiny-flux", "offline", "diffusion",
                    "untrained diffusers FluxTransformer2DModel, 1+1 blocks (plumbing tests)",
                    _load_tiny_flux, "diffusers FluxTransformer2DModel"),
