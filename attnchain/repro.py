@@ -198,6 +198,7 @@ def _diffseg(args) -> None:
             for a, b in ((("attention", "tokenrank"), ("attention", "grid")),
                          (("attention", "tokenrank_nms"), ("attention", "grid")),
                          (("attention", "random"), ("attention", "grid")),
+                         (("attention", "tokenrank"), ("attention", "random")),
                          (("attention", "grid"), ("kernel", "grid")),
                          (("attention", "tokenrank"), ("kernel", "tokenrank"))):
                 if {a[1], b[1]} <= set(samplers) and (not args.no_control or b[0] != "kernel"):
