@@ -194,7 +194,9 @@ def _diffseg(args) -> None:
               + de.settings_line(model, dataset, n, threshold, points, timestep=args.timestep))
         print(f"    results in {args.results_dir}")
         with pd.option_context("display.width", 160, "display.max_columns", 20):
-            print(de.ours_table(de.summarise(t)).to_string())
+            summary = de.summarise(t)
+            print(de.beside_paper(summary).to_string())
+            print(de.ours_table(summary).to_string())
             for a, b in ((("attention", "tokenrank"), ("attention", "grid")),
                          (("attention", "tokenrank_nms"), ("attention", "grid")),
                          (("attention", "random"), ("attention", "grid")),

@@ -47,7 +47,8 @@ from ._runner import Runner
 
 __all__ = ["TASK", "VERSION", "DATASETS", "VALIDATION_SEED", "THRESHOLDS", "OFFLINE_POINTS",
            "Source", "self_attention", "distance_kernel", "kernel_mean_distance", "evaluate",
-           "tune_threshold", "summarise", "versus", "paper_table", "ours_table", "settings_line"]
+           "tune_threshold", "summarise", "versus", "paper_table", "ours_table", "beside_paper",
+           "settings_line"]
 
 TASK = "diffseg"
 VERSION = 1
@@ -599,6 +600,33 @@ def ours_table(summary: pd.DataFrame) -> pd.DataFrame:
         "mIoU": (100 * summary.miou).round(2),
         "mIoU 95% CI": ci(summary.miou_low, summary.miou_high),
         "segments": summary.segments.round(2), "n": summary.n}, index=summary.index)
+
+
+def beside_paper(summary: pd.DataFrame, chain: str = "attention") -> pd.DataFrame:
+    """The paper's table and ours side by side, one row per sampler (percent).
+
+    Parameters
+    ----------
+    summary : pandas.DataFrame
+        :func:`summarise` of a run.
+    chain : str
+        ``"attention"`` (or ``"kernel"``, the control).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``anchors``; columns ``paper mACC``, ``paper mIoU`` (NaN for samplers the paper
+        does not have), ``ours mACC``, ``95% CI``, ``ours mIoU``, ``95% CI ``.
+    """
+    ours = ours_table(summary).xs(chain, level="chain")
+    paper = paper_table()
+    out = pd.DataFrame({
+        "paper mACC": [paper["mACC"].get(m, np.nan) for m in ours.index],
+        "paper mIoU": [paper["mIoU"].get(m, np.nan) for m in ours.index],
+        "ours mACC": ours["mACC"].to_numpy(), "95% CI": ours["mACC 95% CI"].to_numpy(),
+        "ours mIoU": ours["mIoU"].to_numpy(), "95% CI ": ours["mIoU 95% CI"].to_numpy()},
+        index=pd.Index(ours.index, name="anchors"))
+    return out
 
 
 def settings_line(model: str, dataset: str, n: int, threshold, points: int,
