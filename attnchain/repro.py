@@ -96,7 +96,7 @@ def _sag(args) -> None:
     full = args.profile == "full"
     model = (args.models or ["sd15" if full else "scene-unet"])[0]
     n = args.samples or args.n or (1000 if full else 500)
-    steps = args.steps or 50
+    steps = args.steps or (50 if full else 25)
     kw = dict(seed=0, num_inference_steps=steps, sag_scale=0.75, guidance_scale=1.0)
     t = S.evaluate(model, n, args.results_dir, batch_size=args.batch_size or 25,
                    progress=not args.no_progress, **kw)
@@ -231,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--seeds", type=int, default=3, help="masking: random rankings per image")
     ap.add_argument("--mode", choices=["remove", "mask"], default="remove")
     ap.add_argument("--samples", type=int, default=None, help="sag: samples per method")
-    ap.add_argument("--steps", type=int, default=None, help="sag: sampler steps (default 50)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sag: sampler steps (default: 50 full, 25 offline)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="sag, full profile: folder of reference images (default COCO-2017 val)")
     ap.add_argument("--n-reference", type=int, default=None,

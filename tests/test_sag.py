@@ -206,6 +206,15 @@ def test_metrics_table_against_torchmetrics_and_a_hand_fid():
     c1, c2 = np.cov(r, rowvar=False), np.cov(f, rowvar=False)
     fid = ((r.mean(0) - f.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
     assert abs(table.loc["none", "FID"] - fid) < 1e-6
+    # the fast exact FID of the bootstrap resamples equals torchmetrics' (n < d and n > d)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    for n, d in ((7, 12), (40, 5)):
+        r = torch.randn(50, d, generator=g, dtype=torch.float64)
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.5 + 0.3
+        tm = FrechetInceptionDistance(feature=sag._Given(d))
+        tm.update(r, real=True)
+        tm.update(x, real=False)
+        assert abs(sag._FrechetToReference(r)(x) - float(tm.compute())) < 1e-6
     assert table.loc["none", "FID low"] <= table.loc["none", "FID high"]
     assert abs(table.loc["none", "valid"] - float(fake["valid"].mean())) < 1e-12
     # identical samples: every paired difference is exactly zero

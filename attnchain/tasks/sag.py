@@ -596,16 +596,42 @@ class _Given(torch.nn.Module):
         return x
 
 
+class _InceptionStandIn(torch.nn.Module):
+    """CI's stand-in for the FID Inception: torchvision's Inception-v3 stem (random weights) up
+    to its first max pool, averaged over space (torchmetrics' ``feature=64``), and a seeded
+    random linear map to 1000 logits."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        import torchvision
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = torchvision.models.inception_v3(weights=None, aux_logits=False,
+                                                  init_weights=True)
+            self.stem = torch.nn.Sequential(net.Conv2d_1a_3x3, net.Conv2d_2a_3x3,
+                                            net.Conv2d_2b_3x3, net.maxpool1)
+            self.fc = torch.nn.Linear(64, 1000)
+
+    def forward(self, x: Tensor):
+        x = F.interpolate(x.float() / 255, size=(299, 299), mode="bilinear",
+                          align_corners=False)
+        pool = self.stem((x - 0.5) / 0.5).mean((-2, -1))
+        return pool, self.fc(pool)
+
+
 class Features:
     r"""Features of images for IS / FID / KID: ``(pool, logits)`` of a classifier.
 
-    ``"inception"`` (full profile): the FID Inception-v3 of torch-fidelity through torchmetrics
-    (``NoTrainInceptionV3``: 2048-d pool features for FID and KID, the unbiased 1008 logits for IS),
-    the features of the papers' tables. Under ``ATTNCHAIN_WEIGHTS=random`` (CI) a stand-in:
-    torchvision's Inception-v3 with random weights (its pool and 1000 logits), since the FID
-    weights are a download. ``"scene-vit"`` (offline): the project's scene ViT on the image
-    resized to 64 px: its pooled 96-d features for FID and KID, its 4 class logits for IS, and its
-    presence probabilities for the scene-validity rate.
+    ``"inception"`` (full profile): the FID Inception-v3 of torch-fidelity (the network
+    torchmetrics uses: 2048-d pool features for FID and KID, the unbiased 1008 logits for IS,
+    from uint8 images at any size), the features of the papers' tables. Under ``ATTNCHAIN_WEIGHTS=random`` (CI) a reduced
+    stand-in, since the FID weights are a download and a 2048-d FID is slow on a CPU:
+    torchvision's Inception-v3 stem with random weights, 64-d features (torchmetrics'
+    ``feature=64`` layer) and random logits. ``"scene-vit"`` (offline): the project's scene ViT
+    on the image resized to 64 px: its pooled 96-d features for FID and KID, its 4 class logits
+    for IS, and its presence probabilities for the scene-validity rate (``valid``: the largest
+    presence probability above 0.5).
     """
 
     def __init__(self, name: str = "scene-vit", device=None):
@@ -616,21 +642,18 @@ class Features:
             self.model, self.pre = ac.zoo.load("scene-vit", device=self.device)
         elif name == "inception":
             if ac.zoo.weights() == "random":
-                import torchvision
-                net = torchvision.models.inception_v3(weights=None, aux_logits=False,
-                                                      init_weights=True)
-                self.model = net.to(self.device).eval()
+                self.model = _InceptionStandIn().to(self.device).eval()
             else:
-                from torchmetrics.image.fid import NoTrainInceptionV3
-                self.model = NoTrainInceptionV3(
-                    name="inception-v3-compat",
-                    features_list=["2048", "logits_unbiased"]).to(self.device).eval()
+                from torch_fidelity.feature_extractor_inceptionv3 import \
+                    FeatureExtractorInceptionV3
+                self.model = FeatureExtractorInceptionV3(
+                    "inception-v3-compat", ["2048", "logits_unbiased"]).to(self.device).eval()
         else:
             raise ValueError(f"features must be 'scene-vit' or 'inception', got {name!r}")
 
     @torch.no_grad()
     def __call__(self, images: Tensor, batch_size: int = 100) -> dict:
-        """``images`` ``(n, 3, H, W)`` uint8 -> ``{"pool", "logits", "valid"}`` on the CPU."""
+        """``images`` ``(n, 3, H, W)`` uint8 -> ``{"pool", "logits"[, "valid"]}`` on the CPU."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (n, 3, H, W) uint8, got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -653,29 +676,17 @@ class Features:
                                antialias=True, align_corners=False)
             feats = self.model.forward_features((xf - 0.5) / 0.5)
             return self.model.forward_head(feats, pre_logits=True), self.model.forward_head(feats)
-        if ac.zoo.weights() == "random":
-            xf = F.interpolate(x.float() / 255, size=(299, 299), mode="bilinear",
-                               align_corners=False)
-            net = self.model
-            feats = {}
-            h = net.avgpool.register_forward_hook(lambda m, a, o: feats.update(pool=o.flatten(1)))
-            try:
-                logits = net((xf - 0.5) / 0.5)
-            finally:
-                h.remove()
-            return feats["pool"], logits
         pool, logits = self.model(x)
         return pool, logits
 
 
 def _set_metrics(real: Tensor, fake: Tensor, logits: Tensor, is_splits: int,
-                 kid_subsets: int, seed: int) -> dict:
+                 kid_subsets: int, kid_size: int, seed: int) -> dict:
     """IS, FID, KID of one set of fake features (torchmetrics), real features fixed."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.inception import InceptionScore
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     import warnings
+
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
 
     real, fake, logits = real.double(), fake.double(), logits.double()
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -684,20 +695,61 @@ def _set_metrics(real: Tensor, fake: Tensor, logits: Tensor, is_splits: int,
         fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
         fid.update(real, real=True)
         fid.update(fake, real=False)
-        size = min(1000, len(real), len(fake))
         kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=kid_subsets,
-                                      subset_size=size)
+                                      subset_size=min(kid_size, len(real), len(fake)))
         kid.update(real, real=True)
         kid.update(fake, real=False)
-        inc = InceptionScore(feature=_Given(logits.shape[1]), splits=min(is_splits, len(logits)))
-        inc.update(logits)
-        return {"IS": float(inc.compute()[0]), "FID": float(fid.compute()),
+        return {"IS": _inception_score(logits, is_splits, seed), "FID": float(fid.compute()),
                 "KID": float(kid.compute()[0])}
 
 
+def _inception_score(logits: Tensor, splits: int, seed: int) -> float:
+    """torchmetrics' Inception Score of given logits (its random split order seeded)."""
+    import warnings
+
+    from torchmetrics.image.inception import InceptionScore
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        torch.manual_seed(seed)
+        inc = InceptionScore(feature=_Given(logits.shape[1]), splits=min(splits, len(logits)))
+        inc.update(logits.double())
+        return float(inc.compute()[0])
+
+
+class _FrechetToReference:
+    r"""FID of many fake sets against one fixed reference, exactly and fast.
+
+    With :math:`S = \Sigma_r^{1/2}` (symmetric, computed once),
+    :math:`\operatorname{tr}(\Sigma_r\Sigma_f)^{1/2} = \operatorname{tr}(S\Sigma_f S)^{1/2}`, the
+    sum of the square roots of the eigenvalues of a symmetric PSD matrix; with
+    :math:`\Sigma_f = X_c^\top X_c` they are those of the :math:`n \times n` Gram matrix
+    :math:`(X_c S)(X_c S)^\top` when :math:`n < d`. The same number as torchmetrics' FID (tested),
+    in :math:`O(n d^2)` per set instead of a :math:`d \times d` non-symmetric eigenproblem.
+    """
+
+    def __init__(self, real: Tensor):
+        real = real.double()
+        self.mu = real.mean(0)
+        cov = torch.cov(real.T)
+        w, V = torch.linalg.eigh(cov)
+        self.S = (V * w.clamp_min(0).sqrt()) @ V.T
+        self.tr = float(cov.trace())
+
+    def __call__(self, fake: Tensor) -> float:
+        fake = fake.double()
+        n = len(fake)
+        xc = (fake - fake.mean(0)) / (n - 1) ** 0.5
+        y = xc @ self.S
+        g = y @ y.T if n < y.shape[1] else y.T @ y
+        root = torch.linalg.eigvalsh(g).clamp_min(0).sqrt().sum()
+        d = (self.mu - fake.mean(0)).square().sum()
+        return float(d + self.tr + xc.square().sum() - 2 * root)
+
+
 def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: float = 0.95,
-                  is_splits: int = 10, kid_subsets: int = 100, seed: int = 0,
-                  baseline: str = "none") -> tuple:
+                  is_splits: int = 10, kid_subsets: int = 100, kid_size: int = 1000,
+                  seed: int = 0, baseline: str = "none") -> tuple:
     r"""IS, FID and KID of every method with bootstrap intervals, and paired differences.
 
     Parameters
@@ -708,11 +760,12 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
     reference : dict
         ``Features(...)(real images)``: the reference set of FID and KID.
     n_boot : int
-        Bootstrap resamples of the samples (the reference stays fixed).
+        Bootstrap resamples of the samples (the reference stays fixed); 0 for none.
     level : float
         Confidence level of the percentile intervals.
-    is_splits, kid_subsets : int
-        IS splits (torch-fidelity's 10) and KID subsets of ``min(1000, n)`` samples.
+    is_splits, kid_subsets, kid_size : int
+        IS splits and KID subsets of ``min(kid_size, n_real, n_fake)`` samples (torch-fidelity's
+        10, 100 and 1000).
     seed : int
         Seed of the resampling and of KID's and IS's random subsets.
     baseline : str
@@ -722,44 +775,70 @@ def metrics_table(features: dict, reference: dict, n_boot: int = 200, level: flo
     -------
     table : pandas.DataFrame
         Index ``method``; per metric (``IS``, ``FID``, ``KID`` and, for scene-ViT features,
-        ``valid``: the scene-validity rate) the value on all samples and ``<metric> low`` /
-        ``<metric> high``.
+        ``valid``: the scene-validity rate) the value on all samples (torchmetrics) and
+        ``<metric> low`` / ``<metric> high``.
     differences : pandas.DataFrame
         Index ``method`` (all but the baseline); per metric ``method − baseline`` and its paired
         interval: the same resampled seeds for both methods in every resample.
+
+    Notes
+    -----
+    The values on all samples are torchmetrics' ``InceptionScore``, ``FrechetInceptionDistance``
+    and ``KernelInceptionDistance`` on the given features :cite:`salimans2016is`
+    :cite:`heusel2017fid` :cite:`binkowski2018kid`. In each bootstrap resample: IS as above; KID
+    as torchmetrics' with one subset of ``min(n_real, n)`` samples (the unbiased MMD² of the
+    resample against a random subset of the reference); FID by the exact formula of
+    torchmetrics evaluated through the symmetric square root of the fixed reference covariance
+    (tested equal), because a :math:`2048 	imes 2048` eigenproblem per resample is too slow.
     """
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     methods = list(features)
     n = len(features[methods[0]]["pool"])
     if any(len(f["pool"]) != n for f in features.values()):
         raise ValueError("every method needs the same samples (seed-paired)")
+    if n < 2:
+        raise ValueError("the metrics need at least 2 samples per method")
+    real = reference["pool"].double()
+    frechet = _FrechetToReference(real)
     rng = np.random.default_rng(seed)
-    idx = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(n_boot)]
+    boots = [rng.integers(0, n, n) for _ in range(n_boot)]
     vals = {m: [] for m in methods}
-    for b, ix in enumerate(idx):
+    for m in methods:
+        f = features[m]
+        r = _set_metrics(real, f["pool"], f["logits"], is_splits, kid_subsets, kid_size, seed)
+        if "valid" in f:
+            r["valid"] = float(f["valid"].mean())
+        vals[m].append(r)
+    for b, ix in enumerate(boots):
         it = torch.from_numpy(ix)
         for m in methods:
             f = features[m]
-            r = _set_metrics(reference["pool"], f["pool"][it], f["logits"][it], is_splits,
-                             kid_subsets, seed + b)
+            fake, logits = f["pool"][it].double(), f["logits"][it].double()
+            r = {"IS": _inception_score(logits, is_splits, seed + b + 1)}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + b + 1)
+                kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=1,
+                                              subset_size=min(len(real), n))
+                kid.update(real, real=True)
+                kid.update(fake, real=False)
+                r["KID"] = float(kid.compute()[0])
+            r["FID"] = frechet(fake)
             if "valid" in f:
                 r["valid"] = float(f["valid"][it].mean())
             vals[m].append(r)
     q = [(1 - level) / 2, (1 + level) / 2]
-    rows, diffs = {}, {}
-    for m in methods:
-        d = pd.DataFrame(vals[m])
+
+    def summary(d: pd.DataFrame) -> dict:
         row = {}
         for k in d.columns:
             lo, hi = np.quantile(d[k].iloc[1:], q) if n_boot else (np.nan, np.nan)
             row.update({k: d[k].iloc[0], f"{k} low": lo, f"{k} high": hi})
-        rows[m] = row
-        if m != baseline and baseline in vals:
-            e = d - pd.DataFrame(vals[baseline])
-            drow = {}
-            for k in e.columns:
-                lo, hi = np.quantile(e[k].iloc[1:], q) if n_boot else (np.nan, np.nan)
-                drow.update({k: e[k].iloc[0], f"{k} low": lo, f"{k} high": hi})
-            diffs[m] = drow
+        return row
+
+    rows = {m: summary(pd.DataFrame(vals[m])) for m in methods}
+    diffs = {m: summary(pd.DataFrame(vals[m]) - pd.DataFrame(vals[baseline]))
+             for m in methods if m != baseline and baseline in vals}
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
     differences = pd.DataFrame.from_dict(diffs, orient="index").rename_axis("method")
     return table, differences
