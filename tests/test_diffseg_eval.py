@@ -115,12 +115,23 @@ def test_distance_kernel_matches_the_mean_distance():
     s = torch.logspace(-1, 1.5, 7, dtype=torch.float64)
     torch.testing.assert_close(de.kernel_mean_distance((6, 9), s),
                                locality.kernel_mean_distance((6, 9), s))
-    A = torch.softmax(2 * torch.randn(3, 48, 48, generator=g), -1)
-    K, sigma = de.distance_kernel(A, (6, 8))
     d = locality.grid_distances((6, 8)).float()
-    torch.testing.assert_close((K * d).sum(-1).mean(-1), (A * d).sum(-1).mean(-1), rtol=2e-3,
-                               atol=1e-4)
-    torch.testing.assert_close(K.sum(-1), torch.ones(3, 48))
+    # attention with a local bump on a flat floor, and a sharper random one
+    bump = 0.9 / 48 + 0.1 * locality.gaussian_kernel((6, 8), torch.tensor([1.0])).float()
+    A = torch.cat([bump, torch.softmax(2 * torch.randn(2, 48, 48, generator=g), -1)])
+    for match in de.KERNEL_MATCHES:
+        K, sigma, w = de.distance_kernel(A, (6, 8), match=match)
+        torch.testing.assert_close(K.sum(-1), torch.ones(3, 48))
+        mean_d = (A * d).sum(-1).mean(-1)
+        torch.testing.assert_close((K * d).sum(-1).mean(-1)[:1], mean_d[:1], rtol=2e-3,
+                                   atol=1e-4)
+        if match == "distance":
+            assert (w == 1).all()
+    K, sigma, w = de.distance_kernel(A[:1], (6, 8))
+    assert abs(float(w[0]) - 0.1) < 0.02 and abs(float(sigma[0]) - 1.0) < 0.1  # the mixture
+    flat, _, _ = de.distance_kernel(A[:1], (6, 8), match="distance")
+    H = lambda P: float(-(P * P.log()).sum(-1).mean())                         # noqa: E731
+    assert abs(H(K) - H(A[:1])) < 2e-3 < abs(H(flat) - H(A[:1]))   # entropy matched, not flat
 
 
 # ---------------------------------------------------------------------------------------------

@@ -481,14 +481,15 @@ def merge(A: Tensor, anchors: Tensor, threshold: float = KL_THRESHOLD,
         for _ in range(iterations - 1):
             close = (symmetric_kl(M, M) < threshold).cpu()
             close.fill_diagonal_(True)
-            taken = torch.zeros(len(M), dtype=torch.bool)
+            rows = close.tolist()
+            taken = [False] * len(rows)
             groups = []
-            for i in range(len(M)):
+            for i, row in enumerate(rows):          # the greedy visit, in map order
                 if taken[i]:
                     continue
-                taken |= close[i]
-                groups.append(close[i])
-            G = torch.stack(groups).to(device=M.device, dtype=M.dtype)
+                groups.append(i)
+                taken = [t or c for t, c in zip(taken, row)]
+            G = close[groups].to(device=M.device, dtype=M.dtype)
             M = (G @ M) / G.sum(-1, keepdim=True)
         out.append(M)
     return out
