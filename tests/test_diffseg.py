@@ -76,8 +76,10 @@ def test_merging_keeps_rows_stochastic_and_follows_the_threshold():
     torch.testing.assert_close(few[0][0], A[0].mean(0))
     many = ds.merge(A, anchors, threshold=1e-6)    # nothing merges: the anchors' own maps
     torch.testing.assert_close(many[1], A[1, anchors[1]])
-    for m in ds.merge(A, anchors, threshold=1.0):
+    for m, m2 in zip(ds.merge(A, anchors, threshold=1.0),
+                     ds.merge(A, anchors, threshold=1.0, distances=ds.symmetric_kl(A, A))):
         torch.testing.assert_close(m.sum(-1), torch.ones(len(m)))
+        torch.testing.assert_close(m, m2)                  # precomputed distances: the same
 
 
 def test_greedy_iteration_matches_a_direct_transcription():

@@ -430,7 +430,7 @@ def _check_threshold(threshold, iterations) -> None:
 
 
 def merge(A: Tensor, anchors: Tensor, threshold: float = KL_THRESHOLD,
-          iterations: int = ITERATIONS) -> list:
+          iterations: int = ITERATIONS, distances: Optional[Tensor] = None) -> list:
     r"""DiffSeg's iterative merging of attention maps (see the module docstring).
 
     Parameters
@@ -443,6 +443,10 @@ def merge(A: Tensor, anchors: Tensor, threshold: float = KL_THRESHOLD,
         :math:`\tau` (DiffSeg: 1.1 on COCO-Stuff).
     iterations : int
         The anchor iteration plus ``iterations - 1`` greedy ones (DiffSeg: 3).
+    distances : Tensor, shape (B, N, N), optional
+        ``symmetric_kl(A, A)`` if already computed: the first iteration then reads its anchor
+        rows instead of computing them (worth it when one chain is merged from several anchor
+        sets or at several thresholds).
 
     Returns
     -------
@@ -470,8 +474,13 @@ def merge(A: Tensor, anchors: Tensor, threshold: float = KL_THRESHOLD,
     if bool(((anchors < 0) | (anchors >= N)).any()):
         raise ValueError(f"anchors must be token indices in [0, {N})")
     rows = torch.arange(B, device=A.device)[:, None]
-    P = A[rows, anchors]                                              # (B, K, N)
-    member = symmetric_kl(P, A) < threshold
+    if distances is None:
+        member = symmetric_kl(A[rows, anchors], A) < threshold          # (B, K, N)
+    else:
+        if distances.shape != A.shape:
+            raise ValueError(f"distances must be (B, N, N) = {tuple(A.shape)}, got "
+                             f"{tuple(distances.shape)}")
+        member = distances[rows, anchors] < threshold
     member[rows, torch.arange(anchors.shape[1], device=A.device)[None], anchors] = True
     m = member.to(A.dtype)
     maps = (m @ A) / m.sum(-1, keepdim=True)

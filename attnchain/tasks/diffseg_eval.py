@@ -166,7 +166,7 @@ def kernel_mean_distance(grid, sigma: Tensor) -> Tensor:
     return torch.einsum("sa,sb,ab->s", Wr, Wc, D) / (h * w)
 
 
-_KERNEL_CHUNK = 256 * 2 ** 20  # float64 bytes of candidate kernels built at once
+_KERNEL_ROWS = 64  # rows (strided) on which distance_kernel searches its width
 
 #: How :func:`distance_kernel` matches the attention.
 KERNEL_MATCHES = ("distance+entropy", "distance")
@@ -193,8 +193,9 @@ def distance_kernel(A: Tensor, grid, match: str = "distance+entropy", n_sigma: i
     both the reach and the contrast of the attention; only *what* it attends to is replaced by
     distance. For each :math:`\sigma` on a log grid from 0.3 up to the pure Gaussian's width,
     :math:`w` follows from the mean distance, and the :math:`\sigma` whose mixture's entropy is
-    closest to the attention's is kept. Attention farther-reaching than uniform gets the uniform
-    kernel (:math:`w = 0`).
+    closest to the attention's (both measured on 64 evenly strided rows) is kept; :math:`w` is
+    then set from the exact mean distance. Attention farther-reaching than uniform gets the
+    uniform kernel (:math:`w = 0`).
 
     Parameters
     ----------
@@ -244,7 +245,9 @@ def distance_kernel(A: Tensor, grid, match: str = "distance+entropy", n_sigma: i
     N = A.shape[-1]
     d64 = d.double()
     far = float(d64.mean())
-    target = _entropy(A.double())
+    rows = torch.arange(0, N, max(1, N // _KERNEL_ROWS), device=A.device)  # the search's rows
+    dsub = d64[rows]
+    target = _entropy(A.double()[:, rows])
     Ks, sig, wts = [], [], []
     for b in range(A.shape[0]):
         if float(mean[b]) >= far:                        # no locality at all: uniform
@@ -255,19 +258,17 @@ def distance_kernel(A: Tensor, grid, match: str = "distance+entropy", n_sigma: i
         top = max(float(sigma[b]), 0.31)
         cand = torch.logspace(math.log10(0.3), math.log10(top), n_sigma, dtype=torch.float64,
                               device=A.device)
-        best = None
-        for chunk in cand.split(max(1, _KERNEL_CHUNK // (N * N * 8))):
-            G = gaussian_kernel(tuple(grid), chunk)                          # (S, N, N)
-            dg = (G * d64).sum(-1).mean(-1)
-            w = ((far - mean[b]) / (far - dg).clamp_min(1e-12)).clamp(0, 1)
-            K = (1 - w[:, None, None]) / N + w[:, None, None] * G
-            gap = (_entropy(K) - target[b]).abs()
-            j = int(gap.argmin())
-            if best is None or float(gap[j]) < best[0]:
-                best = (float(gap[j]), K[j], float(chunk[j]), float(w[j]))
-        Ks.append(best[1].to(A.dtype))
-        sig.append(best[2])
-        wts.append(best[3])
+        G = torch.exp(-0.5 * dsub[None] ** 2 / cand[:, None, None] ** 2)      # (S, R, N)
+        G = G / G.sum(-1, keepdim=True)
+        w = ((far - mean[b]) / (far - (G * dsub).sum(-1).mean(-1)).clamp_min(1e-12)).clamp(0, 1)
+        gap = (_entropy((1 - w[:, None, None]) / N + w[:, None, None] * G) - target[b]).abs()
+        s_ = cand[int(gap.argmin())]
+        G = gaussian_kernel(tuple(grid), s_[None])[0]                       # exact, all rows
+        w = min(max((far - float(mean[b])) / max(far - float((G * d64).sum(-1).mean()), 1e-12),
+                    0.0), 1.0)
+        Ks.append(((1 - w) / N + w * G).to(A.dtype))
+        sig.append(float(s_))
+        wts.append(w)
     return (torch.stack(Ks), torch.tensor(sig, dtype=torch.float64),
             torch.tensor(wts, dtype=torch.float64))
 
@@ -458,6 +459,12 @@ def evaluate(model_name: str = "feature-attention", dataset: str = "scenes-easy"
                       shard=shard, desc=f"diffseg {model_name}/{dataset}")
 
 
+def _distances(C: Tensor, uses: int, points: int, grid) -> Optional[Tensor]:
+    """All pairwise map distances of ``C`` when that is cheaper than ``uses`` anchor sets."""
+    anchors = len(ds.grid_anchors(grid, points))
+    return ds.symmetric_kl(C, C) if uses * anchors >= C.shape[-1] else None
+
+
 def _chains(net, pre, images, timestep: int, control: bool) -> tuple:
     maps, grids = self_attention(net, pre, images, timestep)
     A, grid = ds.aggregate(maps, grids)
@@ -477,11 +484,12 @@ def _batch_rows(net, pre, source, items, st) -> list:
     for chain, C in chains.items():
         pi = token_rank(C, alpha=st["alpha"]) if any(s.startswith("tokenrank")
                                                       for s in st["samplers"]) else None
+        D = _distances(C, len(st["samplers"]), st["points"], grid)
         for sampler in st["samplers"]:
             anchors = ds.sample_anchors(C, grid, sampler, points=st["points"], k=st["k"],
                                         alpha=st["alpha"], seeds=list(items), pi=pi,
                                         radius=st["radius"])
-            merged = ds.merge(C, anchors, st["threshold"][chain], st["iterations"])
+            merged = ds.merge(C, anchors, st["threshold"][chain], st["iterations"], D)
             pred = ds.label_map(merged, grid, source.size)
             counts = ds.hungarian_counts(pred, labels, source.n_class)
             extra = {"segments": np.array([m.shape[0] for m in merged], dtype=np.float64)}
@@ -524,8 +532,9 @@ def tune_threshold(model_name: str = "feature-attention", level: str = "easy", n
         anchors = ds.grid_anchors(grid, points, device=chains["attention"].device)
         anchors = anchors.expand(len(items), -1)
         for chain, C in chains.items():
+            D = _distances(C, len(thresholds), points, grid)
             for t in thresholds:
-                merged = ds.merge(C, anchors, t, iterations)
+                merged = ds.merge(C, anchors, t, iterations, D)
                 pred = ds.label_map(merged, grid, source.size)
                 c = ds.hungarian_counts(pred, labels.to(pred.device), source.n_class)
                 acc = counts.setdefault((chain, t), {"tp": 0, "fp": 0, "fn": 0, "total": 0,
