@@ -170,9 +170,10 @@ def test_threshold_is_chosen_on_validation_scenes():
 def test_full_profile_code_path_on_the_tiny_unet_twin(tmp_path, monkeypatch):
     cs.write_sample(tmp_path / "coco", n=5, shape=(40, 56))
     kw = dict(dataset="coco-stuff-27", data_root=tmp_path / "coco", size=64,
-              samplers=ds.SAMPLERS, control=True, batch_size=2, progress=False)
+              samplers=("grid", "tokenrank"), control=True, batch_size=2, progress=False)
     whole = de.evaluate("tiny-unet", **kw)
-    assert whole.item.nunique() == 5 and set(whole.method) == set(ds.SAMPLERS)
+    assert whole.item.nunique() == 5 and set(whole.method) == {"grid", "tokenrank"}
+    assert set(whole.chain) == {"attention", "kernel"}
     de.evaluate("tiny-unet", n=3, results_dir=tmp_path / "r", **kw)        # stopped after 3
     computed = []
     real = de._batch_rows
