@@ -20,10 +20,11 @@ images at 512²). ``"scenes-<level>"``: the held-out synthetic scenes
 metrics against the instance masks.
 
 **The locality control** (:func:`distance_kernel`, ``control=True``). The same anchors and
-merging on a Gaussian kernel of grid distance on the same grid, whose mean attention distance
-matches the aggregated attention's, per image (as :mod:`attnchain.tasks.locality` does for
-retention): segments that only reflect *where* tokens are. Attention that beats its kernel
-groups tokens by content.
+merging on a kernel of grid distance alone on the same grid (a mixture of the uniform kernel and
+a Gaussian of distance), matched per image to the aggregated attention's mean attention distance
+(as :mod:`attnchain.tasks.locality` does for retention) and mean row entropy, with its own
+threshold: segments that only reflect *where* tokens are. Attention that beats its kernel groups
+tokens by content.
 
 **Table** (one row per image, chain, sampler and metric): ``chain`` is ``"attention"`` or
 ``"kernel"``; ``method`` the anchor sampler; metrics ``tp/c``, ``fp/c``, ``fn/c`` (class
