@@ -694,15 +694,15 @@ def beside_paper(summary: pd.DataFrame, chain: str = "attention") -> pd.DataFram
     -------
     pandas.DataFrame
         Index ``anchors``; columns ``paper mACC``, ``paper mIoU`` (NaN for samplers the paper
-        does not have), ``ours mACC``, ``95% CI``, ``ours mIoU``, ``95% CI ``.
+        does not have), ``ours mACC``, ``mACC 95% CI``, ``ours mIoU``, ``mIoU 95% CI``.
     """
     ours = ours_table(summary).xs(chain, level="chain")
     paper = paper_table()
     out = pd.DataFrame({
         "paper mACC": [paper["mACC"].get(m, np.nan) for m in ours.index],
         "paper mIoU": [paper["mIoU"].get(m, np.nan) for m in ours.index],
-        "ours mACC": ours["mACC"].to_numpy(), "95% CI": ours["mACC 95% CI"].to_numpy(),
-        "ours mIoU": ours["mIoU"].to_numpy(), "95% CI ": ours["mIoU 95% CI"].to_numpy()},
+        "ours mACC": ours["mACC"].to_numpy(), "mACC 95% CI": ours["mACC 95% CI"].to_numpy(),
+        "ours mIoU": ours["mIoU"].to_numpy(), "mIoU 95% CI": ours["mIoU 95% CI"].to_numpy()},
         index=pd.Index(ours.index, name="anchors"))
     return out
 
