@@ -26,6 +26,14 @@ chapter reads the same files when pointed at them (``ATTNCHAIN_CACHE``).
     (:func:`attnchain.tasks.sag.export_results`); the offline one of 200 samples ships with the
     package (:data:`attnchain.tasks.sag.OFFLINE_RESULTS`) and chapter 10 reads it.
 
+``diffseg``
+    Chapter 11: DiffSeg (:func:`attnchain.tasks.diffseg_eval.evaluate`) with every anchor
+    sampler and the distance-matched kernel control, ACC and mIoU as DiffSeg computes them with
+    bootstrap intervals, beside the paper's table. ``--profile full``: SD1.4 on COCO-Stuff-27
+    (downloaded into ``--data-root``, default ``~/.cache/attnchain/data/coco-stuff``), DiffSeg's
+    settings; ``--profile offline``: the feature-attention model and the project's diffusion
+    model on the 500 held-out easy scenes, thresholds chosen on validation scenes.
+
 ``--profile`` sets ``ATTNCHAIN_PROFILE`` and the defaults of ``--models`` and ``--dataset``;
 ``--limit`` is ``--n`` and ``--out`` is ``--results-dir``. Under ``accelerate launch`` the items are
 sharded over the processes (:class:`attnchain.tasks.Runner`).
@@ -137,7 +145,78 @@ def pd_options():
                              "display.max_columns", 30)
 
 
-TASKS = {"scene_saliency": _scene_saliency, "masking": _masking, "sag": _sag}
+def _diffseg(args) -> None:
+    import pandas as pd
+
+    from .errors import UnavailableModelError
+    from .tasks import diffseg as ds
+    from .tasks import diffseg_eval as de
+
+    full = args.profile == "full"
+    dataset = args.dataset or ("coco-stuff-27" if full else "scenes-easy")
+    if dataset == "coco-stuff-27":
+        from .data import coco_stuff
+
+        root = args.data_root or coco_stuff.default_root()
+        if not (Path(root) / coco_stuff.CURATED_LIST).exists() or args.download:
+            coco_stuff.download(root, limit=args.n, progress=not args.no_progress)
+        args.data_root = root
+    models = args.models or (["sd14"] if full else ["feature-attention", "scene-unet"])
+    samplers = args.samplers or list(ds.SAMPLERS)
+    points = args.points or (ds.POINTS if full else de.OFFLINE_POINTS)
+    from accelerate import PartialState
+
+    from . import zoo
+
+    state = PartialState()
+    device = state.device if state.num_processes > 1 else None
+    print(f"=== diffseg | profile {args.profile}")
+    print(de.paper_table().to_string())
+    for model in models:
+        if args.models is None and model not in zoo.REGISTRY:
+            print(f"--- {model}: not in this version's zoo; skipped")
+            continue
+        try:
+            net = zoo.load(model, device=device)
+        except UnavailableModelError as err:
+            print(f"--- {model}: not available ({err}); skipped")
+            continue
+        if args.threshold is not None:
+            threshold = args.threshold
+        elif dataset.startswith("scenes-"):
+            threshold, sweep = de.tune_threshold(model, dataset.split("-", 1)[1], points=points,
+                                                 timestep=args.timestep, model=net)
+            print(f"--- {model}: thresholds chosen on {sweep.chain.nunique()} chains x "
+                  f"{sweep.threshold.nunique()} values, 100 validation scenes (seed "
+                  f"{de.VALIDATION_SEED}), uniform grid, best mIoU: {threshold}")
+        else:
+            threshold = ds.KL_THRESHOLD
+        t = de.evaluate(model, dataset, n=args.n, results_dir=args.results_dir,
+                        samplers=samplers, threshold=threshold, points=points,
+                        timestep=args.timestep, control=not args.no_control,
+                        batch_size=args.batch_size or (4 if full else 50), model=net,
+                        data_root=args.data_root, progress=not args.no_progress)
+        n = t.item.nunique()
+        print(f"--- ours, profile {args.profile}: "
+              + de.settings_line(model, dataset, n, threshold, points, timestep=args.timestep))
+        print(f"    results in {args.results_dir}")
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            summary = de.summarise(t)
+            print(de.beside_paper(summary).to_string())
+            print(de.ours_table(summary).to_string())
+            for a, b in ((("attention", "tokenrank"), ("attention", "grid")),
+                         (("attention", "tokenrank_nms"), ("attention", "grid")),
+                         (("attention", "random"), ("attention", "grid")),
+                         (("attention", "tokenrank"), ("attention", "random")),
+                         (("attention", "grid"), ("kernel", "grid")),
+                         (("attention", "tokenrank"), ("kernel", "tokenrank"))):
+                if {a[1], b[1]} <= set(samplers) and (not args.no_control or b[0] != "kernel"):
+                    print((100 * de.versus(t, a, b)[["a", "b", "diff", "low", "high"]])
+                          .round(2).to_string())
+
+
+TASKS = {"scene_saliency": _scene_saliency, "masking": _masking, "sag": _sag,
+         "diffseg": _diffseg}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -153,7 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--data-root", type=Path, default=None)
     ap.add_argument("--n", "--limit", type=int, default=None, help="items (default: all)")
     ap.add_argument("--batch-size", type=int, default=None,
-                    help="items per batch (default: scene_saliency 100, masking 50)")
+                    help="items per batch (default: scene_saliency 100, masking 50, diffseg "
+                         "4 full / 50 offline)")
     ap.add_argument("--max-bounces", type=int, default=10)
     ap.add_argument("--seeds", type=int, default=3, help="masking: random rankings per image")
     ap.add_argument("--mode", choices=["remove", "mask"], default="remove")
@@ -165,6 +245,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--n-reference", type=int, default=None,
                     help="sag: reference images (default: 5000 full, 1000 offline)")
     ap.add_argument("--n-boot", type=int, default=200, help="sag: bootstrap resamples")
+    ap.add_argument("--samplers", nargs="+", default=None,
+                    help="diffseg: anchor samplers (default all of attnchain.tasks.diffseg."
+                         "SAMPLERS)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="diffseg: KL threshold (default 1.1 for COCO-Stuff; chosen on "
+                         "validation scenes offline)")
+    ap.add_argument("--points", type=int, default=None,
+                    help="diffseg: anchor grid points per side (default 16 full, 8 offline)")
+    ap.add_argument("--timestep", type=int, default=300, help="diffseg: UNet timestep")
+    ap.add_argument("--no-control", action="store_true",
+                    help="diffseg: skip the distance-matched kernel control")
+    ap.add_argument("--download", action="store_true",
+                    help="diffseg: fetch missing COCO-Stuff files even if the list exists")
     ap.add_argument("--results-dir", "--out", type=Path, default=default_dir)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -405,11 +405,12 @@ def label_colors(k: int) -> np.ndarray:
 
 
 def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | None = None,
-                box=None):
+                box=None, n_colors: int | None = None):
     """Draw an ``(h, w)`` integer label map (e.g. metastable states), over an image if given.
 
     ``box`` = (top, left, height, width): the part of ``image`` the model saw (see
-    :func:`overlay`); default the whole image.
+    :func:`overlay`); default the whole image. ``n_colors``: the size of the palette (at least
+    the number of labels), so that several panels give one label one colour.
 
     Examples
     --------
@@ -428,7 +429,7 @@ def show_labels(labels, image=None, ax=None, alpha: float = 0.5, title: str | No
         raise ValueError(f"show_labels: expected an (h, w) label map, got shape {lab.shape}")
     if ax is None:
         _, ax = plt.subplots(figsize=(3, 3))
-    cols = label_colors(int(lab.max()) + 1)
+    cols = label_colors(max(int(lab.max()) + 1, int(n_colors or 0)))
     rgb = cols[lab]
     img = _as_image(image)
     if img is not None:
@@ -790,3 +791,41 @@ def attention_explorer(attentions: Mapping[str, Tensor], image=None, grid=None, 
         return fig
 
     return explorer(draw, controls, defaults=defaults, static=static)
+
+
+# --------------------------------------------------------------------------------------------
+# DiffSeg (chapter 11)
+# --------------------------------------------------------------------------------------------
+def anchors(image, tokens, grid: tuple[int, int], ax=None, title: str | None = None,
+            color: str = "cyan", size: float = 12.0):
+    """Mark anchor tokens (raster indices on ``grid``) at their cell centres over an image.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ax = anchors(np.zeros((8, 8, 3)), [0, 3], (2, 2))
+    >>> ax.collections[0].get_offsets().tolist()
+    [[1.5, 1.5], [5.5, 5.5]]
+
+    See Also
+    --------
+    show_labels, overlay
+    """
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    img = _as_image(image)
+    t = to_numpy(tokens).astype(np.int64).ravel()
+    h, w = int(grid[0]), int(grid[1])
+    H, W = (img.shape[:2] if img is not None else (h, w))
+    rows, cols = t // w, t % w
+    if img is not None:
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+    ax.scatter((cols + 0.5) * W / w - 0.5, (rows + 0.5) * H / h - 0.5, s=size, c=color,
+               edgecolors="black", linewidths=0.4)
+    ax.set_xlim(-0.5, W - 0.5)
+    ax.set_ylim(H - 0.5, -0.5)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax

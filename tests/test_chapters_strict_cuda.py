@@ -37,6 +37,9 @@ SMOKE = {
     # (attnchain.zoo.tiny_sd): SD1.5 at its real size cannot run on CI's CPU
     "10_sag": {"N_SAMPLES": 2, "STEPS": 2, "BATCH_SIZE": 2, "N_REFERENCE": 3, "N_BOOT": 3,
                "REFERENCE_DIR": str(OUT / "sag_reference" / "val2017")},
+    # the SD1.4 stand-in (attnchain.zoo.stable_diffusion) at 128 px: a 16 x 16 latent, 4 levels
+    "11_diffseg": {"N_IMAGES": 2, "SIZE": 128, "BATCH_SIZE": 2, "N_BOOT": 100, "SHOW": 0,
+                   "DATA_ROOT": str(OUT / "coco-stuff")},
 }
 
 
@@ -62,8 +65,16 @@ def _sag_reference():
             folder / f"{i:012d}.jpg")
 
 
+def _coco_stuff_sample():
+    """Chapter 11's full profile reads COCO-Stuff-27: a small folder in DiffSeg's layout."""
+    from attnchain.data import coco_stuff
+
+    coco_stuff.write_sample(OUT / "coco-stuff", n=2, shape=(120, 160))
+
+
 #: Data a chapter's full profile needs, written before it runs.
-SETUP = {"09_token_masking": _imagenetv2_sample, "10_sag": _sag_reference}
+SETUP = {"09_token_masking": _imagenetv2_sample, "10_sag": _sag_reference,
+         "11_diffseg": _coco_stuff_sample}
 
 STRICT_CELL = """\
 from attnchain.testing import strict_cuda

@@ -564,6 +564,10 @@ def _entries() -> dict[str, ModelEntry]:
                    _diffusers_loader("StableDiffusionPipeline",
                                      "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                    "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ModelEntry("sd14", "full", "diffusion",
+                   "Stable Diffusion 1.4 pipeline (diffusers), DiffSeg's model; under "
+                   "ATTNCHAIN_WEIGHTS=random a reduced stand-in of the same classes",
+                   _project_builder("stable_diffusion"), "CompVis/stable-diffusion-v1-4"),
         ModelEntry("flux-schnell", "full", "diffusion",
                    "FLUX.1 [schnell] pipeline (diffusers); an A100, or an L4 with sequential "
                    "offload (see flux_placement)",
