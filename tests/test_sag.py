@@ -9,14 +9,7 @@ import attnchain as ac
 from attnchain.tasks import sag
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only wait on each other, and on a loaded
-    machine the waiting multiplies the time (measured: 115 CPU-s with 2 threads, 23 with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from attnchain.zoo import scene_unet as SU
 from attnchain.zoo import train_scene_unet as T
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only wait on each other, and on a loaded
-    machine the waiting multiplies the time (measured: 115 CPU-s with 2 threads, 23 with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("rgb,name", [((1, 0, 0), "red"), ((1, 0.5, 0), "orange"),

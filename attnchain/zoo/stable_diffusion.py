@@ -75,6 +75,7 @@ def build_standin(device=None, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from attnchain.zoo.registry import _seeded
+    from attnchain.zoo.tiny_sd import SD15_SCHEDULER
 
     tok = byte_tokenizer()
     with _seeded(seed):
@@ -94,9 +95,7 @@ def build_standin(device=None, seed: int = 0):
             num_attention_heads=4, max_position_embeddings=77,
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id))
-    scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012,
-                                        beta_schedule="scaled_linear", num_train_timesteps=1000,
-                                        skip_prk_steps=True, steps_offset=1)
+    scheduler = diffusers.PNDMScheduler(**SD15_SCHEDULER)  # SD1.4 ships the same configuration
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok,
                                              unet=unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
