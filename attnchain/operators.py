@@ -13,6 +13,8 @@ recomputed from :math:`Q` and :math:`K`) works with them unchanged.
   of another operator, applied analytically (never formed).
 - :class:`SourceChain` is the transposed ("source") chain
   :math:`S = \mathrm{diag}(c)^{-1} A^\top`, :math:`c = \mathbf 1^\top A`, of another operator.
+- :class:`AttentionChain` is the attention chain computed from queries and keys, block by block,
+  never stored as an :math:`N \times N` matrix (matrix-free).
 
 This module is also the one home of the attention softmax,
 
@@ -29,15 +31,18 @@ Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2
 from __future__ import annotations
 
 import abc
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import broadcast_batch, check_fraction, check_personalization, first_bad, prepare
+from ._validate import (as_tensor, broadcast_batch, check_fraction, check_personalization,
+                        check_real, compute_dtype, first_bad, prepare)
 
-__all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "as_operator",
-           "mask_to_bias", "attention_logits", "attention_probs"]
+__all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "AttentionChain",
+           "as_operator", "mask_to_bias", "attention_logits", "attention_probs",
+           "ATTENTION_BLOCK_BYTES"]
 
 
 class ChainOperator(abc.ABC):
@@ -585,3 +590,280 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
        :cite:`erel2025attention`.
     """
     return torch.softmax(attention_logits(q, k, scale, bias, dtype), dim=-1)
+
+
+#: Row blocks of :class:`AttentionChain`: at most this many bytes of :math:`A` are held at once,
+#: per device type (on CPU a block of rows fits in cache; see the Numerics page).
+ATTENTION_BLOCK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 512 * 2 ** 20}
+
+
+def _check_bias(bias: Tensor, N: int) -> Tensor:
+    """The additive bias as ``(..., 1 or N, 1 or N)``, checked: no NaN, no ``+inf``."""
+    if bias.ndim < 2:
+        bias = bias.reshape(*([1] * (2 - bias.ndim)), *bias.shape)
+    if bias.shape[-1] not in (1, N) or bias.shape[-2] not in (1, N):
+        raise ValueError(f"mask of shape {tuple(bias.shape)} does not broadcast to the "
+                         f"(..., {N}, {N}) attention logits")
+    if bool(torch.isnan(bias).any()) or bool((bias == float("inf")).any()):
+        raise ValueError("mask has NaN or +inf entries; an additive mask is 0 (or finite) where "
+                         "attending is allowed and -inf where it is not")
+    return bias
+
+
+class AttentionChain(ChainOperator):
+    r"""The attention chain :math:`A = \operatorname{softmax}(s\,QK^\top + M)`, computed from
+    ``q`` and ``k`` block by block, never stored as an :math:`N \times N` matrix.
+
+    Parameters
+    ----------
+    q, k : Tensor, shape (..., N, d)
+        Queries and keys (self-attention: as many keys as queries, so that :math:`A` is a
+        chain). Their batch shapes broadcast; half precision is upcast.
+    scale : float, optional
+        Logit scale :math:`s`; :math:`d^{-1/2}` if ``None``.
+    mask : Tensor, optional
+        A boolean keep-mask (``True`` = may attend) or an additive float mask :math:`M` (finite,
+        or ``-inf`` on removed keys), broadcastable to ``(..., N, N)``: a key mask of shape
+        ``(..., 1, N)`` costs nothing; a full ``(..., N, N)`` one is the caller's memory.
+    causal : bool
+        Query :math:`i` attends to keys :math:`j \le i` only (as ``is_causal`` in
+        :func:`torch.nn.functional.scaled_dot_product_attention`); half of the blocks' work is
+        skipped.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default; float64 input stays float64) or ``torch.float64``.
+    block_bytes : int, optional
+        Largest block of :math:`A` held at once (default :data:`ATTENTION_BLOCK_BYTES` of the
+        device).
+    sdpa : bool
+        On CUDA in float32 without a ``mask``, compute :math:`AX` with
+        :func:`~torch.nn.functional.scaled_dot_product_attention` (``X`` as the values).
+
+    Attributes
+    ----------
+    q : Tensor, shape (..., N, d)
+        The queries times ``scale``, in the compute dtype.
+    k : Tensor, shape (..., N, d)
+    bias : Tensor or None, shape (..., 1 or N, 1 or N)
+        The additive mask :math:`M` (without the causal part).
+    causal : bool
+    lse : Tensor, shape (..., N)
+        The row log-sum-exp :math:`\ell_i = \log \sum_j \exp(s\,q_i \cdot k_j + M_{ij})`.
+
+    Raises
+    ------
+    ValueError
+        ``q``/``k`` not real floating tensors of matching ``N`` and ``d`` (cross-attention is not
+        a chain), NaN or infinite entries, a non-finite ``scale``, a ``mask`` that does not
+        broadcast or holds NaN/``+inf``, batch shapes that do not broadcast, or a query row whose
+        keys are all removed (its row of :math:`A` is not a distribution).
+
+    Notes
+    -----
+    Building the operator takes one pass over the blocks of :math:`s\,QK^\top + M` for the row
+    log-sum-exp :math:`\ell`; every entry is then known in closed form,
+    :math:`A_{ij} = \exp(s\,q_i \cdot k_j + M_{ij} - \ell_i)`, so
+
+    - :math:`AX` (``right``): for each block of rows :math:`R`, :math:`A_{R,:} X`;
+    - :math:`XA` (``left``, the :math:`A^\top` direction): :math:`\sum_R X_{:,R} A_{R,:}`;
+
+    each product recomputes the blocks of :math:`QK^\top`, holding one block of rows (at most
+    ``block_bytes``) at a time: :math:`O(N d + N k)` memory besides that block, against
+    :math:`N^2` for the matrix. On CUDA in float32 without a mask, ``right`` goes through
+    :func:`~torch.nn.functional.scaled_dot_product_attention` with ``X`` as the values (fused
+    kernels compute the same softmax without forming the block). Entries below the smallest normal
+    float are computed as that number (about :math:`10^{-38}` in float32; subnormal arithmetic is
+    an order of magnitude slower on CPUs): every entry of a softmax of finite logits is positive,
+    and stays so; removed keys are exactly 0. Damping and the source chain come on top,
+    analytically (:class:`DampedChain`, :class:`SourceChain`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    >>> op = AttentionChain(q, k, causal=True)
+    >>> op.n, tuple(op.batch_shape)
+    (6, (2,))
+    >>> A = attention_probs(q, k, 0.5, mask_to_bias(torch.ones(6, 6, dtype=torch.bool).tril()))
+    >>> torch.allclose(op.dense(), A, atol=1e-6)
+    True
+    >>> x = torch.full((2, 1, 6), 1 / 6)
+    >>> torch.allclose(op.left(x), x @ A, atol=1e-6)
+    True
+
+    See Also
+    --------
+    attention_probs : the dense matrix.
+    attnchain.capture.QK.operator : the operator of a captured layer (``keep="qk"``).
+    attnchain.token_rank, attnchain.lambda2, attnchain.bounce : run on it unchanged.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    .. [2] Milakov, Gimelshein, "Online normalizer calculation for softmax", 2018
+       :cite:`milakov2018online` (the log-sum-exp of blocks).
+    .. [3] Dao et al., "FlashAttention", NeurIPS 2022 :cite:`dao2022flashattention` (the
+       fused kernels behind ``scaled_dot_product_attention``).
+    """
+
+    def __init__(self, q, k, scale: Optional[float] = None, mask=None, causal: bool = False,
+                 dtype: Optional[torch.dtype] = None, block_bytes: Optional[int] = None,
+                 sdpa: bool = True):
+        q, k = as_tensor(q, "q"), as_tensor(k, "k")
+        for t, name in ((q, "q"), (k, "k")):
+            check_real(t, name)
+            if not t.is_floating_point() or t.ndim < 2:
+                raise ValueError(f"{name} must be a floating tensor of shape (..., N, d), got "
+                                 f"{t.dtype} of shape {tuple(t.shape)}")
+        if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q and k must have the same feature dimension d, got "
+                             f"{q.shape[-1]} and {k.shape[-1]}")
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"q has {q.shape[-2]} tokens and k has {k.shape[-2]}: a chain needs "
+                             "as many keys as queries (self-attention)")
+        if q.device != k.device:
+            raise ValueError(f"q is on {q.device} and k on {k.device}")
+        N, d = q.shape[-2:]
+        if N == 0:
+            raise ValueError("q and k have no tokens")
+        dtype = compute_dtype(q if q.dtype == torch.float64 else k, dtype)
+        if scale is None:
+            scale = d ** -0.5
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        q, k = q.to(dtype), k.to(dtype)
+        if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+            raise ValueError("q or k has NaN or infinite entries")
+        batch = broadcast_batch(q.shape[:-2], k.shape[:-2], "q", "k")
+        bias = None
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise ValueError(f"mask must be a tensor, not {type(mask).__name__}")
+            bias = _check_bias(mask_to_bias(mask.to(q.device), dtype), N)
+            batch = broadcast_batch(batch, bias.shape[:-2], "q and k", "mask")
+            bias = bias.expand(*batch, *bias.shape[-2:])
+        if block_bytes is None:
+            block_bytes = ATTENTION_BLOCK_BYTES.get(q.device.type, ATTENTION_BLOCK_BYTES["cuda"])
+        if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+            raise ValueError(f"block_bytes must be a positive int, got {block_bytes!r}")
+        self._set((q * scale).expand(*batch, N, d), k.expand(*batch, N, d), bias, bool(causal),
+                  None, block_bytes, bool(sdpa))
+        self.lse = self._row_lse()
+        if bool(torch.isneginf(self.lse).any()):
+            raise ValueError(f"query row {first_bad(torch.isneginf(self.lse))} (batch/row index) "
+                             "attends to no key: every key is removed by the mask")
+
+    def _set(self, q, k, bias, causal, lse, block_bytes, sdpa) -> "AttentionChain":
+        self.q, self.k, self.bias, self.causal, self.lse = q, k, bias, causal, lse
+        self.block_bytes, self.sdpa = block_bytes, sdpa
+        self.n, self.batch_shape = q.shape[-2], q.shape[:-2]
+        self.dtype, self.device = q.dtype, q.device
+        self.member_bytes = None  # products compute, not read: the whole batch at once
+        self._removed = None if bias is None or not bool(torch.isneginf(bias).any()) \
+            else torch.isneginf(bias)
+        return self
+
+    def map_batch(self, fn) -> "AttentionChain":
+        bias = None if self.bias is None else fn(self.bias, 2)
+        lse = None if self.lse is None else fn(self.lse, 1)
+        return AttentionChain.__new__(AttentionChain)._set(
+            fn(self.q, 2), fn(self.k, 2), bias, self.causal, lse, self.block_bytes, self.sdpa)
+
+    @property
+    def positive(self) -> bool:
+        """True when every entry of :math:`A` is positive (no removed key, not causal): the
+        chain is then irreducible and aperiodic."""
+        return not self.causal and self._removed is None
+
+    # ------------------------------------------------------------------ blocks
+    def _rows_per_block(self) -> int:
+        members = max(1, math.prod(self.batch_shape))
+        return max(1, min(self.n, self.block_bytes // (members * self.n
+                                                        * torch.finfo(self.dtype).bits // 8)))
+
+    def _blocks(self):
+        r = self._rows_per_block()
+        return [(r0, min(self.n, r0 + r)) for r0 in range(0, self.n, r)]
+
+    def _logits(self, r0: int, r1: int):
+        """Logits of rows ``r0:r1``, ``(*batch, r, nk)``, over keys ``0:nk`` (``nk = r1`` when
+        causal: later keys are removed)."""
+        nk = r1 if self.causal else self.n
+        L = torch.matmul(self.q[..., r0:r1, :], self.k[..., :nk, :].mT)
+        if self.bias is not None:
+            b = self.bias if self.bias.shape[-2] == 1 else self.bias[..., r0:r1, :]
+            L += b if b.shape[-1] == 1 else b[..., :nk]
+        if self.causal:
+            L[..., r0:r1].masked_fill_(self._triangle(r0, r1), float("-inf"))
+        return L, nk
+
+    def _triangle(self, r0: int, r1: int) -> Tensor:
+        r = r1 - r0
+        return torch.ones(r, r, dtype=torch.bool, device=self.device).triu_(1)
+
+    def _row_lse(self) -> Tensor:
+        out = self.q.new_empty(self.q.shape[:-1])
+        for r0, r1 in self._blocks():
+            out[..., r0:r1] = torch.logsumexp(self._logits(r0, r1)[0], dim=-1)
+        return out
+
+    def _probs(self, r0: int, r1: int):
+        """Rows ``r0:r1`` of :math:`A` over keys ``0:nk``: ``((*batch, r, nk), nk)``."""
+        L, nk = self._logits(r0, r1)
+        floor = math.log(torch.finfo(self.dtype).tiny)
+        L.sub_(self.lse[..., r0:r1, None]).clamp_min_(floor).exp_()
+        if self._removed is not None:
+            m = self._removed if self._removed.shape[-2] == 1 else self._removed[..., r0:r1, :]
+            L.masked_fill_(m if m.shape[-1] == 1 else m[..., :nk], 0.0)
+        if self.causal:
+            L[..., r0:r1].masked_fill_(self._triangle(r0, r1), 0.0)
+        return L, nk
+
+    def _out_batch(self, X: Tensor) -> torch.Size:
+        return torch.broadcast_shapes(self.batch_shape, X.shape[:-2])
+
+    # ------------------------------------------------------------------ products
+    def left(self, X: Tensor) -> Tensor:
+        out = X.new_zeros(*self._out_batch(X), X.shape[-2], self.n)
+        for r0, r1 in self._blocks():
+            P, nk = self._probs(r0, r1)
+            out[..., :nk] += torch.matmul(X[..., r0:r1], P)
+        return out
+
+    def right(self, X: Tensor) -> Tensor:
+        if self.sdpa and self.device.type == "cuda" and self.dtype == torch.float32 \
+                and self.bias is None:
+            return self._right_sdpa(X)
+        out = X.new_empty(*self._out_batch(X), self.n, X.shape[-1])
+        for r0, r1 in self._blocks():
+            P, nk = self._probs(r0, r1)
+            out[..., r0:r1, :] = torch.matmul(P, X[..., :nk, :])
+        return out
+
+    def _right_sdpa(self, X: Tensor) -> Tensor:
+        """:math:`AX` by ``scaled_dot_product_attention`` over blocks of queries, ``X`` (padded
+        to a multiple of 8 columns) as the values."""
+        from torch.nn.functional import pad, scaled_dot_product_attention
+
+        batch, N, c = self._out_batch(X), self.n, X.shape[-1]
+        Xp = pad(X, (0, -c % 8))
+        flat = lambda t: t.expand(*batch, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:])  # noqa
+        q, k, v = flat(self.q), flat(self.k), flat(Xp)
+        out = X.new_empty(q.shape[0], 1, N, v.shape[-1])
+        for r0, r1 in self._blocks():
+            nk = r1 if self.causal else N
+            keep = None  # causal: query r0 + t sees keys 0 .. r0 + t (a block-sized mask)
+            if self.causal:
+                keep = torch.ones(r1 - r0, nk, dtype=torch.bool, device=self.device).tril_(r0)
+            out[:, :, r0:r1] = scaled_dot_product_attention(
+                q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], attn_mask=keep, scale=1.0)
+        return out.reshape(*batch, N, -1)[..., :c]
+
+    def dense(self) -> Tensor:
+        out = self.q.new_zeros(*self.batch_shape, self.n, self.n)
+        for r0, r1 in self._blocks():
+            P, nk = self._probs(r0, r1)
+            out[..., r0:r1, :nk] = P
+        return out
