@@ -31,6 +31,7 @@ Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from typing import Callable, Optional
 
@@ -594,7 +595,11 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
 
 #: Row blocks of :class:`AttentionChain`: at most this many bytes of :math:`A` are held at once,
 #: per device type (on CPU a block of rows fits in cache; see the Numerics page).
-ATTENTION_BLOCK_BYTES = {"cpu": 8 * 2 ** 20, "cuda": 512 * 2 ** 20}
+ATTENTION_BLOCK_BYTES = {"cpu": 32 * 2 ** 20, "cuda": 512 * 2 ** 20}
+
+# blocks have at least this many rows (fewer chains at a time instead): small matrix products
+# waste the CPU
+_MIN_ROWS = 64
 
 
 def _check_bias(bias: Tensor, N: int) -> Tensor:
@@ -633,7 +638,8 @@ class AttentionChain(ChainOperator):
         ``torch.float32`` (default; float64 input stays float64) or ``torch.float64``.
     block_bytes : int, optional
         Largest block of :math:`A` held at once (default :data:`ATTENTION_BLOCK_BYTES` of the
-        device).
+        device): rows of all chains of the batch, or of fewer chains at a time when a block
+        would have fewer than 64 rows (a block never has fewer, or all :math:`N` if less).
     sdpa : bool
         On CUDA in float32 without a ``mask``, compute :math:`AX` with
         :func:`~torch.nn.functional.scaled_dot_product_attention` (``X`` as the values).
@@ -778,14 +784,38 @@ class AttentionChain(ChainOperator):
         return not self.causal and self._removed is None
 
     # ------------------------------------------------------------------ blocks
-    def _rows_per_block(self) -> int:
-        members = max(1, math.prod(self.batch_shape))
-        return max(1, min(self.n, self.block_bytes // (members * self.n
-                                                        * torch.finfo(self.dtype).bits // 8)))
+    def _plan(self, members: int) -> tuple[int, int]:
+        """``(chains, rows)``: products run on at most ``chains`` chains at a time, in blocks of
+        ``rows`` rows, so that a block holds at most ``block_bytes`` of :math:`A` (or the
+        blocks of ``_MIN_ROWS`` rows of one chain, when even those are larger)."""
+        per_row = self.n * torch.finfo(self.dtype).bits // 8
+        low = min(self.n, _MIN_ROWS)
+        rows = self.block_bytes // (max(1, members) * per_row)
+        if rows >= low:
+            return members, min(self.n, rows)
+        chains = max(1, self.block_bytes // (low * per_row))
+        return chains, max(low, min(self.n, self.block_bytes // (chains * per_row)))
 
-    def _blocks(self):
-        r = self._rows_per_block()
-        return [(r0, min(self.n, r0 + r)) for r0 in range(0, self.n, r)]
+    def _run(self, kernel, X: Tensor, tail: int):
+        """``kernel(op, X, rows)`` over pieces of the batch (see :meth:`_plan`); results have
+        ``tail`` non-batch dimensions."""
+        batch = self._out_batch(X)
+        members = math.prod(batch)
+        chains, rows = self._plan(members)
+        if chains >= members:
+            return kernel(self, X, rows)
+        op = self.expand(*batch)
+        X = X.expand(*batch, *X.shape[X.ndim - 2:])
+        out = None
+        lead = [range(n) for n in batch[:-1]]
+        for idx in itertools.product(*lead):
+            for c0 in range(0, batch[-1], chains):
+                piece = (*idx, slice(c0, c0 + chains))
+                y = kernel(op[piece], X[piece], rows)
+                if out is None:
+                    out = y.new_empty(*batch, *y.shape[y.ndim - tail:])
+                out[piece] = y
+        return out
 
     def _logits(self, r0: int, r1: int):
         """Logits of rows ``r0:r1``, ``(*batch, r, nk)``, over keys ``0:nk`` (``nk = r1`` when
@@ -803,11 +833,26 @@ class AttentionChain(ChainOperator):
         r = r1 - r0
         return torch.ones(r, r, dtype=torch.bool, device=self.device).triu_(1)
 
+    @staticmethod
+    def _blocks(n: int, rows: int):
+        return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
     def _row_lse(self) -> Tensor:
-        out = self.q.new_empty(self.q.shape[:-1])
-        for r0, r1 in self._blocks():
-            out[..., r0:r1] = torch.logsumexp(self._logits(r0, r1)[0], dim=-1)
-        return out
+        def kernel(op, _, rows):
+            out = op.q.new_empty(op.q.shape[:-1])
+            floor = math.log(torch.finfo(op.dtype).tiny)
+            for r0, r1 in op._blocks(op.n, rows):  # log-sum-exp in place: one block in memory
+                L = op._logits(r0, r1)[0]
+                m = L.amax(-1, keepdim=True)
+                dead = torch.isneginf(m)  # every key removed
+                m.masked_fill_(dead, 0.0)
+                L.sub_(m).clamp_min_(floor).exp_()
+                out[..., r0:r1] = L.sum(-1).log_().add_(m.squeeze(-1)).masked_fill_(
+                    dead.squeeze(-1), float("-inf"))
+                del L
+            return out.unsqueeze(-1)
+
+        return self._run(kernel, self.q.new_empty(0, 0), 2).squeeze(-1)
 
     def _probs(self, r0: int, r1: int):
         """Rows ``r0:r1`` of :math:`A` over keys ``0:nk``: ``((*batch, r, nk), nk)``."""
@@ -826,25 +871,34 @@ class AttentionChain(ChainOperator):
 
     # ------------------------------------------------------------------ products
     def left(self, X: Tensor) -> Tensor:
-        out = X.new_zeros(*self._out_batch(X), X.shape[-2], self.n)
-        for r0, r1 in self._blocks():
-            P, nk = self._probs(r0, r1)
-            out[..., :nk] += torch.matmul(X[..., r0:r1], P)
-        return out
+        def kernel(op, X, rows):
+            out = X.new_zeros(*op._out_batch(X), X.shape[-2], op.n)
+            for r0, r1 in op._blocks(op.n, rows):
+                P, nk = op._probs(r0, r1)
+                out[..., :nk] += torch.matmul(X[..., r0:r1], P)
+                del P  # before the next block is formed
+            return out
+
+        return self._run(kernel, X, 2)
 
     def right(self, X: Tensor) -> Tensor:
         if self.sdpa and self.device.type == "cuda" and self.dtype == torch.float32 \
                 and self.bias is None:
-            return self._right_sdpa(X)
-        out = X.new_empty(*self._out_batch(X), self.n, X.shape[-1])
-        for r0, r1 in self._blocks():
-            P, nk = self._probs(r0, r1)
-            out[..., r0:r1, :] = torch.matmul(P, X[..., :nk, :])
-        return out
+            return self._run(AttentionChain._right_sdpa, X, 2)
 
-    def _right_sdpa(self, X: Tensor) -> Tensor:
-        """:math:`AX` by ``scaled_dot_product_attention`` over blocks of queries, ``X`` (padded
-        to a multiple of 8 columns) as the values."""
+        def kernel(op, X, rows):
+            out = X.new_empty(*op._out_batch(X), op.n, X.shape[-1])
+            for r0, r1 in op._blocks(op.n, rows):
+                P, nk = op._probs(r0, r1)
+                out[..., r0:r1, :] = torch.matmul(P, X[..., :nk, :])
+                del P
+            return out
+
+        return self._run(kernel, X, 2)
+
+    def _right_sdpa(self, X: Tensor, rows: int) -> Tensor:
+        """:math:`AX` by ``scaled_dot_product_attention`` over blocks of ``rows`` queries, ``X``
+        (padded to a multiple of 8 columns) as the values."""
         from torch.nn.functional import pad, scaled_dot_product_attention
 
         batch, N, c = self._out_batch(X), self.n, X.shape[-1]
@@ -852,18 +906,20 @@ class AttentionChain(ChainOperator):
         flat = lambda t: t.expand(*batch, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:])  # noqa
         q, k, v = flat(self.q), flat(self.k), flat(Xp)
         out = X.new_empty(q.shape[0], 1, N, v.shape[-1])
-        for r0, r1 in self._blocks():
+        for r0, r1 in self._blocks(N, rows):
             nk = r1 if self.causal else N
             keep = None  # causal: query r0 + t sees keys 0 .. r0 + t (a block-sized mask)
             if self.causal:
                 keep = torch.ones(r1 - r0, nk, dtype=torch.bool, device=self.device).tril_(r0)
             out[:, :, r0:r1] = scaled_dot_product_attention(
                 q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], attn_mask=keep, scale=1.0)
+            del keep
         return out.reshape(*batch, N, -1)[..., :c]
 
     def dense(self) -> Tensor:
         out = self.q.new_zeros(*self.batch_shape, self.n, self.n)
-        for r0, r1 in self._blocks():
+        for r0, r1 in self._blocks(self.n, self._plan(math.prod(self.batch_shape))[1]):
             P, nk = self._probs(r0, r1)
             out[..., r0:r1, :nk] = P
+            del P
         return out
