@@ -754,28 +754,44 @@ class AttentionChain(ChainOperator):
             block_bytes = ATTENTION_BLOCK_BYTES.get(q.device.type, ATTENTION_BLOCK_BYTES["cuda"])
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
             raise ValueError(f"block_bytes must be a positive int, got {block_bytes!r}")
-        self._set((q * scale).expand(*batch, N, d), k.expand(*batch, N, d), bias, bool(causal),
-                  None, block_bytes, bool(sdpa))
-        self.lse = self._row_lse()
-        if bool(torch.isneginf(self.lse).any()):
-            raise ValueError(f"query row {first_bad(torch.isneginf(self.lse))} (batch/row index) "
+        # augmented so that one product gives the exponent of A:
+        # [s q_i, -lse_i] . [k_j, 1] = s q_i . k_j - lse_i (the last column is 0 until lse is known)
+        qa = torch.cat([(q * scale).expand(*batch, N, d), q.new_zeros(*batch, N, 1)], -1)
+        ka = torch.cat([k, k.new_ones(*k.shape[:-1], 1)], -1).expand(*batch, N, d + 1)
+        self._set(qa, ka, bias, bool(causal), None, block_bytes, bool(sdpa))
+        lse = self._row_lse()
+        if bool(torch.isneginf(lse).any()):
+            raise ValueError(f"query row {first_bad(torch.isneginf(lse))} (batch/row index) "
                              "attends to no key: every key is removed by the mask")
+        qa[..., -1] = -lse
+        self.lse = lse
 
-    def _set(self, q, k, bias, causal, lse, block_bytes, sdpa) -> "AttentionChain":
-        self.q, self.k, self.bias, self.causal, self.lse = q, k, bias, causal, lse
+    def _set(self, qa, ka, bias, causal, lse, block_bytes, sdpa) -> "AttentionChain":
+        self._qa, self._ka, self.bias, self.causal, self.lse = qa, ka, bias, causal, lse
         self.block_bytes, self.sdpa = block_bytes, sdpa
-        self.n, self.batch_shape = q.shape[-2], q.shape[:-2]
-        self.dtype, self.device = q.dtype, q.device
+        self.n, self.batch_shape = qa.shape[-2], qa.shape[:-2]
+        self.dtype, self.device = qa.dtype, qa.device
         self.member_bytes = None  # products compute, not read: the whole batch at once
         self._removed = None if bias is None or not bool(torch.isneginf(bias).any()) \
             else torch.isneginf(bias)
         return self
 
+    @property
+    def q(self) -> Tensor:
+        """The queries times ``scale``, ``(..., N, d)``."""
+        return self._qa[..., :-1]
+
+    @property
+    def k(self) -> Tensor:
+        """The keys, ``(..., N, d)``."""
+        return self._ka[..., :-1]
+
     def map_batch(self, fn) -> "AttentionChain":
         bias = None if self.bias is None else fn(self.bias, 2)
         lse = None if self.lse is None else fn(self.lse, 1)
         return AttentionChain.__new__(AttentionChain)._set(
-            fn(self.q, 2), fn(self.k, 2), bias, self.causal, lse, self.block_bytes, self.sdpa)
+            fn(self._qa, 2), fn(self._ka, 2), bias, self.causal, lse, self.block_bytes,
+            self.sdpa)
 
     @property
     def positive(self) -> bool:
@@ -817,15 +833,16 @@ class AttentionChain(ChainOperator):
                 out[piece] = y
         return out
 
-    def _logits(self, r0: int, r1: int):
-        """Logits of rows ``r0:r1``, ``(*batch, r, nk)``, over keys ``0:nk`` (``nk = r1`` when
-        causal: later keys are removed)."""
+    def _logits(self, r0: int, r1: int, removed: bool = True):
+        r"""Rows ``r0:r1`` of :math:`s\,QK^\top + M - \ell` (before ``lse`` is known: of
+        :math:`s\,QK^\top + M`), ``(*batch, r, nk)``, over keys ``0:nk`` (``nk = r1`` when
+        causal: later keys are removed). ``removed``: set removed entries to ``-inf``."""
         nk = r1 if self.causal else self.n
-        L = torch.matmul(self.q[..., r0:r1, :], self.k[..., :nk, :].mT)
+        L = torch.matmul(self._qa[..., r0:r1, :], self._ka[..., :nk, :].mT)
         if self.bias is not None:
             b = self.bias if self.bias.shape[-2] == 1 else self.bias[..., r0:r1, :]
             L += b if b.shape[-1] == 1 else b[..., :nk]
-        if self.causal:
+        if self.causal and removed:
             L[..., r0:r1].masked_fill_(self._triangle(r0, r1), float("-inf"))
         return L, nk
 
@@ -839,7 +856,7 @@ class AttentionChain(ChainOperator):
 
     def _row_lse(self) -> Tensor:
         def kernel(op, _, rows):
-            out = op.q.new_empty(op.q.shape[:-1])
+            out = op._qa.new_empty(op._qa.shape[:-1])
             floor = math.log(torch.finfo(op.dtype).tiny)
             for r0, r1 in op._blocks(op.n, rows):  # log-sum-exp in place: one block in memory
                 L = op._logits(r0, r1)[0]
@@ -852,13 +869,13 @@ class AttentionChain(ChainOperator):
                 del L
             return out.unsqueeze(-1)
 
-        return self._run(kernel, self.q.new_empty(0, 0), 2).squeeze(-1)
+        return self._run(kernel, self._qa.new_empty(0, 0), 2).squeeze(-1)
 
     def _probs(self, r0: int, r1: int):
         """Rows ``r0:r1`` of :math:`A` over keys ``0:nk``: ``((*batch, r, nk), nk)``."""
-        L, nk = self._logits(r0, r1)
+        L, nk = self._logits(r0, r1, removed=False)  # removed entries are zeroed below
         floor = math.log(torch.finfo(self.dtype).tiny)
-        L.sub_(self.lse[..., r0:r1, None]).clamp_min_(floor).exp_()
+        L.clamp_min_(floor).exp_()
         if self._removed is not None:
             m = self._removed if self._removed.shape[-2] == 1 else self._removed[..., r0:r1, :]
             L.masked_fill_(m if m.shape[-1] == 1 else m[..., :nk], 0.0)
@@ -917,7 +934,7 @@ class AttentionChain(ChainOperator):
         return out.reshape(*batch, N, -1)[..., :c]
 
     def dense(self) -> Tensor:
-        out = self.q.new_zeros(*self.batch_shape, self.n, self.n)
+        out = self._qa.new_zeros(*self.batch_shape, self.n, self.n)
         for r0, r1 in self._blocks(self.n, self._plan(math.prod(self.batch_shape))[1]):
             P, nk = self._probs(r0, r1)
             out[..., r0:r1, :nk] = P
