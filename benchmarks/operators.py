@@ -1,0 +1,222 @@
+"""Dense vs matrix-free chains: time, peak memory and agreement of TokenRank, bounce and λ2.
+
+For each N (``--sizes``) and head dimension d (``--dims``), H heads (``--heads``, 24 as in
+FLUX) of planted attention: tokens in 8 planted groups, ``q_i = t_h (0.5 c_g(i) + z_i)``,
+``k_i = 0.5 c_g(i) + z'_i`` with group centroids ``c ~ N(0, I_d)``, noise ``z ~ N(0, I_d)`` and a
+per-head temperature ``t_h`` from 0.5 to 1.5 (the attention of ``benchmarks/markov_core.py``),
+scale ``d^-1/2``, float32.
+
+* **dense**: ``A = attention_probs(q, k, d^-1/2)`` (H x N x N float32, formed once: "build"),
+  then ``token_rank(A)``, ``bounce(A, 0, 10)`` and ``lambda2(A, method="krylov")``.
+* **matrix-free**: ``op = AttentionChain(q, k)`` (one pass for the row log-sum-exp: "build"),
+  then the same three calls on ``op``: the same solvers, products computed block by block from
+  q and k (on CPU every pass recomputes the blocks of QKᵀ and their exponentials).
+
+Peak memory is the process's peak resident set (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs`` before each path) minus its resident set before the path, so it counts
+everything the path allocates, the inputs q and k excluded; the script runs itself with glibc's ``MALLOC_MMAP_THRESHOLD_`` at
+128 KiB, so that every larger block is mapped when allocated and returned when freed, and the
+resident set follows what is in use (on CUDA:
+``torch.cuda.max_memory_allocated`` over the allocation before the path). The dense path is
+skipped where the map alone exceeds ``--dense-max-gib`` (its softmax needs about twice the map);
+the agreement is then measured against the dense map of ``--ref-heads`` heads only (marked ``*``).
+Agreement: TokenRank and bounce as the largest L1 distance (over heads and the 11 bounce
+steps), |λ2| as the largest absolute difference.
+
+A warm-up at N = 128 runs first, so that one-time costs (lazy imports, thread pools, allocator
+arenas) are not counted. Results are appended to ``--out`` (JSON lines) as each (N, d) finishes; a rerun skips the ones
+there (``--fresh`` starts over), so a long run can be resumed. The table is printed at the end.
+
+Run:  python benchmarks/operators.py [--sizes 1024,2048,4096,4608,8192,16384] [--dims 64,128]
+      [--heads 24] [--threads 2] [--device cpu]
+Not part of the test run. Ratios are from one run on one machine; say which when quoting them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import attnchain as ac
+from attnchain.operators import AttentionChain, attention_probs
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2 ** 30
+
+
+def planted_qk(H, N, d, groups=8, strength=0.5, seed=0, device="cpu"):
+    """q, k (H, N, d) with planted token groups and per-head temperatures 0.5 ... 1.5."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, groups, (N,), generator=g)
+    cent = torch.randn(H, groups, d, generator=g)
+    q = strength * cent[:, lab] + torch.randn(H, N, d, generator=g)
+    k = strength * cent[:, lab] + torch.randn(H, N, d, generator=g)
+    q *= torch.linspace(0.5, 1.5, H)[:, None, None]
+    return q.to(device), k.to(device)
+
+
+class Memory:
+    """Peak memory of a code path above what was allocated before it."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def _status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {key} in /proc/self/status")
+
+    def start(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+            self.base = self._status("VmRSS")
+
+    def peak(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status("VmHWM") - self.base
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def run_path(A_or_op_builder, device):
+    """build, then TokenRank, bounce(n=10) and λ2 on what it built: results, times, peak."""
+    mem = Memory(device)
+    mem.start()
+    chain, t_build = timed(A_or_op_builder, device)
+    (pi, tr_info), t_tr = timed(lambda: ac.token_rank(chain, return_info=True), device)
+    bounce, t_bounce = timed(lambda: ac.bounce(chain, 0, 10), device)
+    (l2, l2_info), t_l2 = timed(lambda: ac.lambda2(chain, method="krylov", return_info=True),
+                                device)
+    peak = mem.peak()
+    del chain
+    return dict(pi=pi, bounce=bounce, l2=l2, build_s=t_build, token_rank_s=t_tr,
+                bounce_s=t_bounce, lambda2_s=t_l2, peak_bytes=peak,
+                token_rank_passes=tr_info["passes"], lambda2_passes=l2_info["passes"])
+
+
+def agreement(a, b):
+    return dict(token_rank_l1=float((a["pi"] - b["pi"]).abs().sum(-1).max()),
+                bounce_l1=float((a["bounce"] - b["bounce"]).abs().sum(-1).max()),
+                lambda2_abs=float((a["l2"] - b["l2"]).abs().max()))
+
+
+def one(N, d, H, args, device):
+    q, k = planted_qk(H, N, d, seed=args.seed, device=device)
+    scale = d ** -0.5
+    mf = run_path(lambda: AttentionChain(q, k, scale=scale), device)
+    row = dict(N=N, d=d, H=H, device=str(device), threads=torch.get_num_threads(),
+               dense_map_bytes=H * N * N * 4, qk_bytes=2 * q.numel() * 4)
+    row.update({f"mf_{key}": v for key, v in mf.items() if not torch.is_tensor(v)})
+    if H * N * N * 4 <= args.dense_max_gib * GiB:
+        dense = run_path(lambda: attention_probs(q, k, scale), device)
+        row.update({f"dense_{key}": v for key, v in dense.items() if not torch.is_tensor(v)})
+        row.update(agreement(mf, dense), ref_heads=H)
+    else:  # the dense map of a few heads only: agreement there
+        h = args.ref_heads
+        ref = run_path(lambda: attention_probs(q[:h], k[:h], scale), device)
+        sub = {key: mf[key][:h] for key in ("pi", "bounce", "l2")}
+        row.update(agreement(sub, ref), ref_heads=h)
+    return row
+
+
+def fmt_bytes(b):
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2 ** 20:.0f} MiB"
+
+
+def table(rows):
+    head = ("| N | d | dense map | dense peak | m-free peak | peak ratio | build d / mf s | "
+            "TokenRank d / mf s (passes) | bounce(10) d / mf s | λ2 d / mf s (passes) | "
+            "agreement TR L1 / bounce L1 / λ2 |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        dn = "dense_peak_bytes" in r
+
+        def pair(key):
+            mf = r[f"mf_{key}"]
+            return f"{r[f'dense_{key}']:.2f} / {mf:.2f}" if dn else f"– / {mf:.2f}"
+        ratio = f"1/{r['dense_peak_bytes'] / max(r['mf_peak_bytes'], 1):.0f}" if dn else "–"
+        star = "" if dn else f" ({r['ref_heads']} head{'s' if r['ref_heads'] > 1 else ''})*"
+        lines.append(
+            f"| {r['N']:,} | {r['d']} | {fmt_bytes(r['dense_map_bytes'])} | "
+            f"{fmt_bytes(r['dense_peak_bytes']) if dn else 'skipped'} | "
+            f"{fmt_bytes(r['mf_peak_bytes'])} | {ratio} | {pair('build_s')} | "
+            f"{pair('token_rank_s')} ({r['mf_token_rank_passes']:g}) | {pair('bounce_s')} | "
+            f"{pair('lambda2_s')} ({r['mf_lambda2_passes']:g}) | "
+            f"{r['token_rank_l1']:.1e} / {r['bounce_l1']:.1e} / {r['lambda2_abs']:.1e}{star} |")
+    return "\n".join(lines)
+
+
+def main():
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see the module docstring
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2 ** 17)})
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1024,2048,4096,4608,8192,16384")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dense-max-gib", type=float, default=4.0,
+                    help="skip the dense path where the H x N x N map exceeds this")
+    ap.add_argument("--ref-heads", type=int, default=1,
+                    help="heads of the dense reference where the dense path is skipped")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "_build" / "benchmarks" / "operators.jsonl"))
+    ap.add_argument("--fresh", action="store_true", help="ignore the results already in --out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh and out.exists():
+        out.unlink()
+    done = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["N"], r["d"], r["H"], r["device"])] = r
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
+          f"{torch.__version__}, {args.threads} threads, device {device}", flush=True)
+    # one-time costs (lazy imports, thread pools, allocator arenas) before anything is measured
+    one(128, 16, 2, argparse.Namespace(**{**vars(args), "dense_max_gib": 1.0}), device)
+    rows = []
+    for N in [int(x) for x in args.sizes.split(",")]:
+        for d in [int(x) for x in args.dims.split(",")]:
+            key = (N, d, args.heads, str(device))
+            if key not in done:
+                t = time.perf_counter()
+                done[key] = one(N, d, args.heads, args, device)
+                done[key]["wall_s"] = time.perf_counter() - t
+                with out.open("a") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+                print(f"N={N} d={d}: {done[key]['wall_s']:.0f} s", flush=True)
+            rows.append(done[key])
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
