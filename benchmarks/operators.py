@@ -1,10 +1,10 @@
 """Dense vs matrix-free chains: time, peak memory and agreement of TokenRank, bounce and λ2.
 
 For each N (``--sizes``) and head dimension d (``--dims``), H heads (``--heads``, 24 as in
-FLUX) of planted attention: tokens in 8 planted groups, ``q_i = t_h (0.5 c_g(i) + z_i)``,
-``k_i = 0.5 c_g(i) + z'_i`` with group centroids ``c ~ N(0, I_d)``, noise ``z ~ N(0, I_d)`` and a
-per-head temperature ``t_h`` from 0.5 to 1.5 (the attention of ``benchmarks/markov_core.py``),
-scale ``d^-1/2``, float32.
+FLUX) of planted attention (:func:`attnchain.testing.qk.planted_qk`): tokens in 8 planted
+groups, ``q_i = t_h (0.5 c_g(i) + z_i)``, ``k_i = 0.5 c_g(i) + z'_i`` with group centroids
+``c ~ N(0, I_d)``, noise ``z ~ N(0, I_d)`` and a per-head temperature ``t_h`` from 0.5 to 1.5
+(the attention of ``benchmarks/markov_core.py``), scale ``d^-1/2``, float32.
 
 * **dense**: ``A = attention_probs(q, k, d^-1/2)`` (H x N x N float32, formed once: "build"),
   then ``token_rank(A)``, ``bounce(A, 0, 10)`` and ``lambda2(A, method="krylov")``.
@@ -12,12 +12,12 @@ scale ``d^-1/2``, float32.
   then the same three calls on ``op``: the same solvers, products computed block by block from
   q and k (on CPU every pass recomputes the blocks of QKᵀ and their exponentials).
 
-Peak memory is the process's peak resident set (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs`` before each path) minus its resident set before the path, so it counts
-everything the path allocates, the inputs q and k excluded; the script runs itself with glibc's ``MALLOC_MMAP_THRESHOLD_`` at
-128 KiB, so that every larger block is mapped when allocated and returned when freed, and the
-resident set follows what is in use (on CUDA:
-``torch.cuda.max_memory_allocated`` over the allocation before the path). The dense path is
+Peak memory is measured by :class:`attnchain.testing.memory.PeakMemory`: on the CPU the
+process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) minus its
+resident set before the path, with glibc's mmap threshold at 128 KiB so that freed blocks leave
+the resident set; on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the
+path. Either way it counts everything the path allocates (the operator's copies of q and k,
+the solvers' vectors, blocks, the map and its softmax), the inputs q and k excluded. The dense path is
 skipped where the map alone exceeds ``--dense-max-gib`` (its softmax needs about twice the map);
 the agreement is then measured against the dense map of ``--ref-heads`` heads only (marked ``*``).
 Agreement: TokenRank and bounce as the largest L1 distance (over heads and the 11 bounce
@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -45,51 +44,11 @@ import torch
 
 import attnchain as ac
 from attnchain.operators import AttentionChain, attention_probs
+from attnchain.testing.memory import PeakMemory
+from attnchain.testing.qk import planted_qk
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
-
-
-def planted_qk(H, N, d, groups=8, strength=0.5, seed=0, device="cpu"):
-    """q, k (H, N, d) with planted token groups and per-head temperatures 0.5 ... 1.5."""
-    g = torch.Generator().manual_seed(seed)
-    lab = torch.randint(0, groups, (N,), generator=g)
-    cent = torch.randn(H, groups, d, generator=g)
-    q = strength * cent[:, lab] + torch.randn(H, N, d, generator=g)
-    k = strength * cent[:, lab] + torch.randn(H, N, d, generator=g)
-    q *= torch.linspace(0.5, 1.5, H)[:, None, None]
-    return q.to(device), k.to(device)
-
-
-class Memory:
-    """Peak memory of a code path above what was allocated before it."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    @staticmethod
-    def _status(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no {key} in /proc/self/status")
-
-    def start(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set
-            self.base = self._status("VmRSS")
-
-    def peak(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return self._status("VmHWM") - self.base
 
 
 def timed(fn, device):
@@ -104,17 +63,15 @@ def timed(fn, device):
 
 def run_path(A_or_op_builder, device):
     """build, then TokenRank, bounce(n=10) and λ2 on what it built: results, times, peak."""
-    mem = Memory(device)
-    mem.start()
-    chain, t_build = timed(A_or_op_builder, device)
-    (pi, tr_info), t_tr = timed(lambda: ac.token_rank(chain, return_info=True), device)
-    bounce, t_bounce = timed(lambda: ac.bounce(chain, 0, 10), device)
-    (l2, l2_info), t_l2 = timed(lambda: ac.lambda2(chain, method="krylov", return_info=True),
-                                device)
-    peak = mem.peak()
-    del chain
+    with PeakMemory(device) as mem:
+        chain, t_build = timed(A_or_op_builder, device)
+        (pi, tr_info), t_tr = timed(lambda: ac.token_rank(chain, return_info=True), device)
+        bounce, t_bounce = timed(lambda: ac.bounce(chain, 0, 10), device)
+        (l2, l2_info), t_l2 = timed(
+            lambda: ac.lambda2(chain, method="krylov", return_info=True), device)
+        del chain
     return dict(pi=pi, bounce=bounce, l2=l2, build_s=t_build, token_rank_s=t_tr,
-                bounce_s=t_bounce, lambda2_s=t_l2, peak_bytes=peak,
+                bounce_s=t_bounce, lambda2_s=t_l2, peak_bytes=mem.peak,
                 token_rank_passes=tr_info["passes"], lambda2_passes=l2_info["passes"])
 
 
@@ -171,9 +128,6 @@ def table(rows):
 
 
 def main():
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # see the module docstring
-        os.execve(sys.executable, [sys.executable, *sys.argv],
-                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2 ** 17)})
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1024,2048,4096,4608,8192,16384")
     ap.add_argument("--dims", default="64,128")
