@@ -33,6 +33,7 @@ SMOKE = {
     "09_token_masking": {"N_IMAGES": 4, "BATCH_SIZE": 2, "N_BOOT": 200, "SEEDS": 1,
                          "DATA_ROOT": str(OUT / "imagenetv2"),
                          "DATA_ARCHIVE": str(OUT / "imagenetv2-matched-frequency.tar.gz")},
+    "12_scaling_up": {"SIZES": [256, 512], "HEADS": 2, "HEAD_DIM": 16, "WARM_STEPS": 3},
 }
 
 

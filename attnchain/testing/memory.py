@@ -29,10 +29,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "measure_chain"]
 
 _M_MMAP_THRESHOLD = -3
 _tuned: list = []
@@ -92,3 +93,52 @@ class PeakMemory:
         else:
             self.peak = max(0, _status("VmHWM") - self._base)
         return False
+
+
+def _timed(fn, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def measure_chain(build, device="cpu", n_bounce: int = 10, start: int = 0) -> dict:
+    r"""Time and peak memory of building a chain and running TokenRank, bounce and λ2 on it.
+
+    Inside one :class:`PeakMemory`: ``chain = build()`` (a dense map or a chain operator), then
+    :func:`attnchain.token_rank`, :func:`attnchain.bounce` from token ``start`` for
+    ``n_bounce`` steps, and :func:`attnchain.lambda2` with ``method="krylov"``, each timed
+    (CUDA synchronised). What ``benchmarks/operators.py`` and chapter 12 compare.
+
+    Returns
+    -------
+    dict
+        ``pi``, ``bounce``, ``lambda2`` (the results), ``build_s``, ``token_rank_s``,
+        ``bounce_s``, ``lambda2_s`` (seconds), ``token_rank_passes``, ``lambda2_passes`` and
+        ``peak_bytes`` (everything the calls held at once, above what was held before).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from attnchain.operators import AttentionChain
+    >>> q, k = torch.randn(2, 50, 8), torch.randn(2, 50, 8)
+    >>> out = measure_chain(lambda: AttentionChain(q, k), n_bounce=2)
+    >>> tuple(out["pi"].shape), tuple(out["bounce"].shape), out["token_rank_passes"] > 0
+    ((2, 50), (2, 3, 50), True)
+    """
+    import attnchain as ac
+
+    device = torch.device(device)
+    with PeakMemory(device) as mem:
+        chain, t_build = _timed(build, device)
+        (pi, tr), t_tr = _timed(lambda: ac.token_rank(chain, return_info=True), device)
+        bounce, t_b = _timed(lambda: ac.bounce(chain, start, n_bounce), device)
+        (l2, l2i), t_l2 = _timed(lambda: ac.lambda2(chain, method="krylov", return_info=True),
+                                 device)
+        del chain
+    return dict(pi=pi, bounce=bounce, lambda2=l2, build_s=t_build, token_rank_s=t_tr,
+                bounce_s=t_b, lambda2_s=t_l2, token_rank_passes=tr["passes"],
+                lambda2_passes=l2i["passes"], peak_bytes=mem.peak)
