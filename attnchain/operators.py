@@ -771,7 +771,9 @@ class AttentionChain(ChainOperator):
         self.block_bytes, self.sdpa = block_bytes, sdpa
         self.n, self.batch_shape = qa.shape[-2], qa.shape[:-2]
         self.dtype, self.device = qa.dtype, qa.device
-        self.member_bytes = None  # products compute, not read: the whole batch at once
+        # the size of the map each product recomputes: the solvers then group (and stop)
+        # chains as they would the dense maps, so each chain takes the passes it needs
+        self.member_bytes = self.n * self.n * (torch.finfo(self.dtype).bits // 8)
         self._removed = None if bias is None or not bool(torch.isneginf(bias).any()) \
             else torch.isneginf(bias)
         return self
