@@ -21,18 +21,10 @@ from attnchain import operators
 from attnchain.operators import (AttentionChain, DampedChain, SourceChain, attention_probs,
                                  mask_to_bias)
 from attnchain.testing import strict_cuda
+from attnchain.testing.memory import PeakMemory, measure_chain
+from attnchain.testing.qk import planted_qk, rope
 
 AGREE = 1e-5  # the issue's agreement: L1 for distributions, absolute for |lambda2|
-
-
-def rope(x: torch.Tensor, base: float = 100.0) -> torch.Tensor:
-    """Rotary position embedding (rotate-half form) on the last two dims (N, d)."""
-    half = x.shape[-1] // 2
-    pos = torch.arange(x.shape[-2], dtype=torch.float64)[:, None]
-    ang = pos * base ** (-torch.arange(half, dtype=torch.float64) / half)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
 def qk(shape, d, seed, dtype=torch.float32, spread=1.5):
@@ -394,3 +386,44 @@ def test_warm_start_saves_passes_on_a_planted_slowly_changing_sequence():
     pi_c, pc = ac.token_rank_sequence(op, method="power", warm_start=False)
     assert sum(pw[1:]) < 0.5 * sum(pc[1:]), (pw, pc)
     assert float((pi_w - cold).abs().sum(-1).max()) < 1e-4
+
+
+def test_token_rank_sequence_checks_its_input():
+    op = AttentionChain(*qk((10,), 4, 0))
+    with pytest.raises(ValueError, match="sequence dimension"):
+        ac.token_rank_sequence(op)
+    with pytest.raises(ValueError, match="sequence dimension"):
+        ac.token_rank_sequence(torch.eye(3))
+    with pytest.raises(ValueError, match="sets start"):
+        ac.token_rank_sequence(torch.eye(3).expand(2, 3, 3), start=torch.ones(3))
+
+
+# ------------------------------------------------------------------ helpers
+def test_rope_depends_on_relative_positions_only():
+    g = torch.Generator().manual_seed(3)
+    q1, k1 = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    q, k = rope(q1.expand(12, 8)), rope(k1.expand(12, 8))  # one query and key at 12 positions
+    S = q @ k.mT
+    for off in range(-3, 4):  # S[m, n] depends on m - n only
+        diag = torch.diagonal(S, off)
+        assert torch.allclose(diag, diag[0].expand_as(diag), atol=1e-10)
+    assert not torch.allclose(S[0, 0], S[0, 1])
+    assert torch.allclose(q.norm(dim=-1), q1.norm().expand(12))
+
+
+def test_peak_memory_and_measure_chain():
+    with PeakMemory("cpu") as mem:
+        x = torch.ones(2 ** 25)  # 128 MiB
+        del x
+    assert 0.99 * 2 ** 27 <= mem.peak < 2 ** 27 + 2 ** 25
+    q, k = planted_qk(2, 300, d=8)
+    dense = measure_chain(lambda: attention_probs(q, k, 8 ** -0.5), n_bounce=3)
+    light = measure_chain(lambda: AttentionChain(q, k), n_bounce=3)
+    assert dense["bounce"].shape == (2, 4, 300) and dense["token_rank_passes"] > 0
+    assert float((dense["pi"] - light["pi"]).abs().sum(-1).max()) < AGREE
+    assert float((dense["lambda2"] - light["lambda2"]).abs().max()) < AGREE
+    with strict_cuda.enabled():
+        qc, kc = q.cuda(), k.cuda()
+        on_gpu = measure_chain(lambda: attention_probs(qc, kc, 8 ** -0.5), "cuda", n_bounce=1)
+    assert on_gpu["peak_bytes"] >= 2 * 300 * 300 * 4  # the maps, counted on the device
+
