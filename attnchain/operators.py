@@ -74,10 +74,9 @@ class ChainOperator(abc.ABC):
     -----
     The contract: :meth:`left` and :meth:`right` are exact (up to rounding) products with
     row-stochastic matrices; operators are trusted, so functions given an operator do not
-    check its rows. A matrix-free operator from :math:`Q, K` needs, for :meth:`right`
-    (:math:`A X`), the row-wise softmax of blocks of :math:`QK^\top`, and for :meth:`left`
-    (:math:`X A`, the :math:`A^\top` direction) the row log-sum-exp of :math:`s\,QK^\top + M`
-    once, kept as a length-:math:`N` tensor of the operator.
+    check its rows. :class:`AttentionChain` is the matrix-free operator from :math:`Q, K`: it
+    keeps the row log-sum-exp of :math:`s\,QK^\top + M` (a length-:math:`N` tensor) and forms
+    blocks of rows of :math:`A` for both products.
 
     Examples
     --------
@@ -90,7 +89,7 @@ class ChainOperator(abc.ABC):
 
     See Also
     --------
-    DenseChain, DampedChain, SourceChain
+    DenseChain, DampedChain, SourceChain, AttentionChain
     as_operator : a tensor or an operator, as an operator.
 
     References
@@ -639,16 +638,14 @@ class AttentionChain(ChainOperator):
     block_bytes : int, optional
         Largest block of :math:`A` held at once (default :data:`ATTENTION_BLOCK_BYTES` of the
         device): rows of all chains of the batch, or of fewer chains at a time when a block
-        would have fewer than 64 rows (a block never has fewer, or all :math:`N` if less).
+        would otherwise have fewer than 64 rows (a block has at least 64 rows, or all
+        :math:`N` when :math:`N < 64`).
     sdpa : bool
         On CUDA in float32 without a ``mask``, compute :math:`AX` with
         :func:`~torch.nn.functional.scaled_dot_product_attention` (``X`` as the values).
 
     Attributes
     ----------
-    q : Tensor, shape (..., N, d)
-        The queries times ``scale``, in the compute dtype.
-    k : Tensor, shape (..., N, d)
     bias : Tensor or None, shape (..., 1 or N, 1 or N)
         The additive mask :math:`M` (without the causal part).
     causal : bool
@@ -780,7 +777,7 @@ class AttentionChain(ChainOperator):
 
     @property
     def q(self) -> Tensor:
-        """The queries times ``scale``, ``(..., N, d)``."""
+        """The queries times ``scale``, ``(..., N, d)``, in the compute dtype."""
         return self._qa[..., :-1]
 
     @property
