@@ -704,10 +704,9 @@ class AttentionChain(ChainOperator):
     ----------
     .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
        :cite:`erel2025attention`.
-    .. [2] Milakov, Gimelshein, "Online normalizer calculation for softmax", 2018
-       :cite:`milakov2018online` (the log-sum-exp of blocks).
-    .. [3] Dao et al., "FlashAttention", NeurIPS 2022 :cite:`dao2022flashattention` (the
-       fused kernels behind ``scaled_dot_product_attention``).
+    .. [2] Dao et al., "FlashAttention", NeurIPS 2022 :cite:`dao2022flashattention` (attention
+       recomputed from the saved log-sum-exp in its backward pass; the fused kernels behind
+       ``scaled_dot_product_attention``).
     """
 
     def __init__(self, q, k, scale: Optional[float] = None, mask=None, causal: bool = False,
