@@ -474,7 +474,11 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     :math:`2(1 - |\mu_2|)`, :math:`\mu_2` the second eigenvalue of the lazy chain
     :math:`(I + A)/2` (above). Where float32 rounding cannot resolve that step change the chain is
     solved in float64 (and returned in float32); where float64 cannot either,
-    :class:`~attnchain.errors.ConvergenceError`.
+    :class:`~attnchain.errors.ConvergenceError`. A matrix-free chain whose entries are all
+    positive (:attr:`~attnchain.operators.AttentionChain.positive`) has one closed class, and
+    above :data:`~attnchain.spectral.AUTO_DENSE_MAX_N` tokens its gap comes from the Krylov
+    bound on the operator itself, so its matrix is never formed; it is not switched to float64
+    (build it in float64 where float32 cannot resolve the step).
 
     **Gradients.** For a tensor ``A`` (or a :class:`~attnchain.operators.DenseChain`) and
     ``personalization`` that require grad, the backward pass differentiates the stationary
