@@ -21,7 +21,9 @@ the solvers' vectors, blocks, the map and its softmax), the inputs q and k exclu
 skipped where the map alone exceeds ``--dense-max-gib`` (its softmax needs about twice the map);
 the agreement is then measured against the dense map of ``--ref-heads`` heads only (marked ``*``).
 Agreement: TokenRank and bounce as the largest L1 distance (over heads and the 11 bounce
-steps), |λ2| as the largest absolute difference.
+steps), |λ2| as the largest absolute difference. Times are the process's CPU seconds (all
+threads) of each call, steadier than wall-clock seconds on a machine shared with other work;
+the total wall-clock seconds of each path are printed too, and both are in ``--out``.
 
 A warm-up at N = 128 runs first, so that one-time costs (lazy imports, thread pools, allocator
 arenas) are not counted. Results are appended to ``--out`` (JSON lines) as each (N, d) finishes; a rerun skips the ones
@@ -44,58 +46,34 @@ import torch
 
 import attnchain as ac
 from attnchain.operators import AttentionChain, attention_probs
-from attnchain.testing.memory import PeakMemory
+from attnchain.testing.memory import measure_chain
 from attnchain.testing.qk import planted_qk
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t
-
-
-def run_path(A_or_op_builder, device):
-    """build, then TokenRank, bounce(n=10) and λ2 on what it built: results, times, peak."""
-    with PeakMemory(device) as mem:
-        chain, t_build = timed(A_or_op_builder, device)
-        (pi, tr_info), t_tr = timed(lambda: ac.token_rank(chain, return_info=True), device)
-        bounce, t_bounce = timed(lambda: ac.bounce(chain, 0, 10), device)
-        (l2, l2_info), t_l2 = timed(
-            lambda: ac.lambda2(chain, method="krylov", return_info=True), device)
-        del chain
-    return dict(pi=pi, bounce=bounce, l2=l2, build_s=t_build, token_rank_s=t_tr,
-                bounce_s=t_bounce, lambda2_s=t_l2, peak_bytes=mem.peak,
-                token_rank_passes=tr_info["passes"], lambda2_passes=l2_info["passes"])
-
-
 def agreement(a, b):
     return dict(token_rank_l1=float((a["pi"] - b["pi"]).abs().sum(-1).max()),
                 bounce_l1=float((a["bounce"] - b["bounce"]).abs().sum(-1).max()),
-                lambda2_abs=float((a["l2"] - b["l2"]).abs().max()))
+                lambda2_abs=float((a["lambda2"] - b["lambda2"]).abs().max()))
 
 
 def one(N, d, H, args, device):
     q, k = planted_qk(H, N, d, seed=args.seed, device=device)
     scale = d ** -0.5
-    mf = run_path(lambda: AttentionChain(q, k, scale=scale), device)
+    mf = measure_chain(lambda: AttentionChain(q, k, scale=scale), device)
     row = dict(N=N, d=d, H=H, device=str(device), threads=torch.get_num_threads(),
                dense_map_bytes=H * N * N * 4, qk_bytes=2 * q.numel() * 4)
     row.update({f"mf_{key}": v for key, v in mf.items() if not torch.is_tensor(v)})
     if H * N * N * 4 <= args.dense_max_gib * GiB:
-        dense = run_path(lambda: attention_probs(q, k, scale), device)
+        dense = measure_chain(lambda: attention_probs(q, k, scale), device)
         row.update({f"dense_{key}": v for key, v in dense.items() if not torch.is_tensor(v)})
         row.update(agreement(mf, dense), ref_heads=H)
     else:  # the dense map of a few heads only: agreement there
         h = args.ref_heads
-        ref = run_path(lambda: attention_probs(q[:h], k[:h], scale), device)
-        sub = {key: mf[key][:h] for key in ("pi", "bounce", "l2")}
+        ref = measure_chain(lambda: attention_probs(q[:h], k[:h], scale), device)
+        sub = {key: mf[key][:h] for key in ("pi", "bounce", "lambda2")}
         row.update(agreement(sub, ref), ref_heads=h)
     return row
 
@@ -104,27 +82,49 @@ def fmt_bytes(b):
     return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2 ** 20:.0f} MiB"
 
 
-def table(rows):
-    head = ("| N | d | dense map | dense peak | m-free peak | peak ratio | build d / mf s | "
-            "TokenRank d / mf s (passes) | bounce(10) d / mf s | λ2 d / mf s (passes) | "
-            "agreement TR L1 / bounce L1 / λ2 |")
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        dn = "dense_peak_bytes" in r
+TASKS = (("build", "build"), ("token_rank", "TokenRank"), ("bounce", "bounce(10)"),
+         ("lambda2", "λ2"))
 
-        def pair(key):
-            mf = r[f"mf_{key}"]
-            return f"{r[f'dense_{key}']:.2f} / {mf:.2f}" if dn else f"– / {mf:.2f}"
-        ratio = f"1/{r['dense_peak_bytes'] / max(r['mf_peak_bytes'], 1):.0f}" if dn else "–"
-        star = "" if dn else f" ({r['ref_heads']} head{'s' if r['ref_heads'] > 1 else ''})*"
-        lines.append(
-            f"| {r['N']:,} | {r['d']} | {fmt_bytes(r['dense_map_bytes'])} | "
-            f"{fmt_bytes(r['dense_peak_bytes']) if dn else 'skipped'} | "
-            f"{fmt_bytes(r['mf_peak_bytes'])} | {ratio} | {pair('build_s')} | "
-            f"{pair('token_rank_s')} ({r['mf_token_rank_passes']:g}) | {pair('bounce_s')} | "
-            f"{pair('lambda2_s')} ({r['mf_lambda2_passes']:g}) | "
-            f"{r['token_rank_l1']:.1e} / {r['bounce_l1']:.1e} / {r['lambda2_abs']:.1e}{star} |")
-    return "\n".join(lines)
+
+def table(rows):
+    """Markdown: per (N, d) a dense and a matrix-free line (CPU seconds of each call, passes in
+    parentheses), then the ratios and the agreement."""
+    head = ("| N | d | path | peak memory | " + " | ".join(f"{t} cpu s" for _, t in TASKS)
+            + " | wall s, all |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    ratios = ["| N | d | dense peak / m-free peak | " + " | ".join(
+        f"{t} m-free / dense cpu" for _, t in TASKS) + " | agreement TR L1 / bounce L1 / λ2 abs |",
+        "|" + "---|" * (len(TASKS) + 4)]
+    for r in rows:
+        for path in ("dense", "mf"):
+            if f"{path}_peak_bytes" not in r:
+                lines.append(f"| {r['N']:,} | {r['d']} | dense | skipped: the maps need "
+                             f"{fmt_bytes(r['dense_map_bytes'])} |" + " – |" * (len(TASKS) + 1))
+                continue
+            cells = []
+            for key, _ in TASKS:
+                c = f"{r[f'{path}_{key}_cpu_s']:.1f}"
+                if key in ("token_rank", "lambda2"):
+                    c += f" ({r[f'{path}_{key}_passes']:g})"
+                cells.append(c)
+            wall = sum(r[f"{path}_{key}_s"] for key, _ in TASKS)
+            lines.append(f"| {r['N']:,} | {r['d']} | {'matrix-free' if path == 'mf' else path} "
+                         f"| {fmt_bytes(r[f'{path}_peak_bytes'])} | " + " | ".join(cells)
+                         + f" | {wall:.0f} |")
+        star = "" if r["ref_heads"] == r["H"] else f" (vs the dense map of {r['ref_heads']} " \
+            f"head{'s' if r['ref_heads'] > 1 else ''})"
+        agree = (f"{r['token_rank_l1']:.1e} / {r['bounce_l1']:.1e} / {r['lambda2_abs']:.1e}"
+                 + star)
+        if "dense_peak_bytes" in r:
+            ratio = r['dense_peak_bytes'] / max(r['mf_peak_bytes'], 1)
+            peak = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+            cpu = [f"{r[f'mf_{k}_cpu_s'] / max(r[f'dense_{k}_cpu_s'], 1e-9):.1f}"
+                   for k, _ in TASKS]
+        else:
+            peak, cpu = "–", ["–"] * len(TASKS)
+        ratios.append(f"| {r['N']:,} | {r['d']} | {peak} | " + " | ".join(cpu)
+                      + f" | {agree} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(ratios)
 
 
 def main():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import time
 
 import torch
@@ -95,14 +96,20 @@ class PeakMemory:
         return False
 
 
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _timed(fn, device: torch.device):
+    """``fn()``, its wall-clock seconds and the process's CPU seconds during it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_seconds()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, _cpu_seconds() - c
 
 
 def measure_chain(build, device="cpu", n_bounce: int = 10, start: int = 0) -> dict:
@@ -116,9 +123,11 @@ def measure_chain(build, device="cpu", n_bounce: int = 10, start: int = 0) -> di
     Returns
     -------
     dict
-        ``pi``, ``bounce``, ``lambda2`` (the results), ``build_s``, ``token_rank_s``,
-        ``bounce_s``, ``lambda2_s`` (seconds), ``token_rank_passes``, ``lambda2_passes`` and
-        ``peak_bytes`` (everything the calls held at once, above what was held before).
+        ``pi``, ``bounce``, ``lambda2`` (the results); ``build_s``, ``token_rank_s``,
+        ``bounce_s``, ``lambda2_s`` (wall-clock seconds) and the same with ``_cpu_s`` (CPU
+        seconds of the process, all threads: on a machine shared with other work the steadier
+        measure of cost); ``token_rank_passes``, ``lambda2_passes``; ``peak_bytes``
+        (everything the calls held at once, above what was held before).
 
     Examples
     --------
@@ -132,13 +141,20 @@ def measure_chain(build, device="cpu", n_bounce: int = 10, start: int = 0) -> di
     import attnchain as ac
 
     device = torch.device(device)
+    out = {}
+
+    def record(name, timed):
+        result, out[f"{name}_s"], out[f"{name}_cpu_s"] = timed
+        return result
+
     with PeakMemory(device) as mem:
-        chain, t_build = _timed(build, device)
-        (pi, tr), t_tr = _timed(lambda: ac.token_rank(chain, return_info=True), device)
-        bounce, t_b = _timed(lambda: ac.bounce(chain, start, n_bounce), device)
-        (l2, l2i), t_l2 = _timed(lambda: ac.lambda2(chain, method="krylov", return_info=True),
-                                 device)
+        chain = record("build", _timed(build, device))
+        pi, tr = record("token_rank", _timed(
+            lambda: ac.token_rank(chain, return_info=True), device))
+        bounce = record("bounce", _timed(lambda: ac.bounce(chain, start, n_bounce), device))
+        l2, l2i = record("lambda2", _timed(
+            lambda: ac.lambda2(chain, method="krylov", return_info=True), device))
         del chain
-    return dict(pi=pi, bounce=bounce, lambda2=l2, build_s=t_build, token_rank_s=t_tr,
-                bounce_s=t_b, lambda2_s=t_l2, token_rank_passes=tr["passes"],
-                lambda2_passes=l2i["passes"], peak_bytes=mem.peak)
+    out.update(pi=pi, bounce=bounce, lambda2=l2, token_rank_passes=tr["passes"],
+               lambda2_passes=l2i["passes"], peak_bytes=mem.peak)
+    return out
