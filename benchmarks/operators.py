@@ -30,7 +30,7 @@ arenas) are not counted. Results are appended to ``--out`` (JSON lines) as each 
 there (``--fresh`` starts over), so a long run can be resumed. The table is printed at the end.
 
 Run:  python benchmarks/operators.py [--sizes 1024,2048,4096,4608,8192,16384] [--dims 64,128]
-      [--heads 24] [--threads 2] [--device cpu]
+      [--heads 24] [--threads 2] [--device cpu] [--pairs 4608:64,16384:64] [--table-only]
 Not part of the test run. Ratios are from one run on one machine; say which when quoting them.
 """
 from __future__ import annotations
@@ -141,6 +141,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "_build" / "benchmarks" / "operators.jsonl"))
     ap.add_argument("--fresh", action="store_true", help="ignore the results already in --out")
+    ap.add_argument("--pairs", default="",
+                    help="N:d pairs in the order to run them (e.g. 4608:64,16384:64), instead of "
+                         "every --sizes x --dims; the table is sorted by N and d either way")
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table of the results in --out and run nothing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -153,23 +158,30 @@ def main():
         for line in out.read_text().splitlines():
             r = json.loads(line)
             done[(r["N"], r["d"], r["H"], r["device"])] = r
+    if args.pairs:
+        pairs = [tuple(int(x) for x in p.split(":")) for p in args.pairs.split(",")]
+    else:
+        pairs = [(int(N), int(d)) for N in args.sizes.split(",") for d in args.dims.split(",")]
+    if args.table_only:
+        print(table(sorted((r for r in done.values() if r["H"] == args.heads
+                            and r["device"] == str(device)), key=lambda r: (r["N"], r["d"]))))
+        return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
           f"{torch.__version__}, {args.threads} threads, device {device}", flush=True)
     # one-time costs (lazy imports, thread pools, allocator arenas) before anything is measured
     one(128, 16, 2, argparse.Namespace(**{**vars(args), "dense_max_gib": 1.0}), device)
     rows = []
-    for N in [int(x) for x in args.sizes.split(",")]:
-        for d in [int(x) for x in args.dims.split(",")]:
-            key = (N, d, args.heads, str(device))
-            if key not in done:
-                t = time.perf_counter()
-                done[key] = one(N, d, args.heads, args, device)
-                done[key]["wall_s"] = time.perf_counter() - t
-                with out.open("a") as f:
-                    f.write(json.dumps(done[key]) + "\n")
-                print(f"N={N} d={d}: {done[key]['wall_s']:.0f} s", flush=True)
-            rows.append(done[key])
-    print(table(rows))
+    for N, d in pairs:
+        key = (N, d, args.heads, str(device))
+        if key not in done:
+            t = time.perf_counter()
+            done[key] = one(N, d, args.heads, args, device)
+            done[key]["wall_s"] = time.perf_counter() - t
+            with out.open("a") as f:
+                f.write(json.dumps(done[key]) + "\n")
+            print(f"N={N} d={d}: {done[key]['wall_s']:.0f} s", flush=True)
+        rows.append(done[key])
+    print(table(sorted(rows, key=lambda r: (r["N"], r["d"]))))
 
 
 if __name__ == "__main__":
