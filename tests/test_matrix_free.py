@@ -3,7 +3,8 @@ recomputed from Q and K in float64; bounce, token_rank and lambda2 on the operat
 dense path to 1e-5 (random, masked, additive-bias, causal and RoPE-rotated q/k) and with
 independent references (numpy matrix powers and eigenvalues, networkx PageRank); the operator
 never holds the N x N matrix (device memory counted under strict-cuda); capture(keep="qk") gives
-operators that agree with the full capture on the tiny FLUX and UNet twins; warm starts save
+operators that agree with the full capture on the tiny FLUX and UNet twins, where warm and cold
+passes along the denoising trajectory are counted (never more passes warm); warm starts save
 passes on a planted slowly-changing sequence and keep the answer."""
 from __future__ import annotations
 
