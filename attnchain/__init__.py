@@ -29,7 +29,7 @@ from .errors import (
     ReducibleChainError,
     UnavailableModelError,
 )
-from .operators import ChainOperator, DampedChain, DenseChain, SourceChain
+from .operators import AttentionChain, ChainOperator, DampedChain, DenseChain, SourceChain
 from .spectral import (
     choose_bounces,
     eigenvalues,
@@ -38,12 +38,14 @@ from .spectral import (
     lambda2,
     metastable_states,
 )
-from .stationary import closed_class_count, damped, stationary_dense, token_rank
+from .stationary import (closed_class_count, damped, stationary_dense, token_rank,
+                         token_rank_sequence)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "AttentionChain",
     "AttnchainError",
     "ChainOperator",
     "ConvergenceError",
@@ -73,5 +75,6 @@ __all__ = [
     "stationary_dense",
     "to_stochastic",
     "token_rank",
+    "token_rank_sequence",
     "zoo",
 ]

@@ -13,6 +13,8 @@ recomputed from :math:`Q` and :math:`K`) works with them unchanged.
   of another operator, applied analytically (never formed).
 - :class:`SourceChain` is the transposed ("source") chain
   :math:`S = \mathrm{diag}(c)^{-1} A^\top`, :math:`c = \mathbf 1^\top A`, of another operator.
+- :class:`AttentionChain` is the attention chain computed from queries and keys, block by block,
+  never stored as an :math:`N \times N` matrix (matrix-free).
 
 This module is also the one home of the attention softmax,
 
@@ -29,15 +31,19 @@ Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025, arXiv:2
 from __future__ import annotations
 
 import abc
+import itertools
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ._validate import broadcast_batch, check_fraction, check_personalization, first_bad, prepare
+from ._validate import (as_tensor, broadcast_batch, check_fraction, check_personalization,
+                        check_real, compute_dtype, first_bad, prepare)
 
-__all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "as_operator",
-           "mask_to_bias", "attention_logits", "attention_probs"]
+__all__ = ["ChainOperator", "DenseChain", "DampedChain", "SourceChain", "AttentionChain",
+           "as_operator", "mask_to_bias", "attention_logits", "attention_probs",
+           "ATTENTION_BLOCK_BYTES"]
 
 
 class ChainOperator(abc.ABC):
@@ -68,10 +74,9 @@ class ChainOperator(abc.ABC):
     -----
     The contract: :meth:`left` and :meth:`right` are exact (up to rounding) products with
     row-stochastic matrices; operators are trusted, so functions given an operator do not
-    check its rows. A matrix-free operator from :math:`Q, K` needs, for :meth:`right`
-    (:math:`A X`), the row-wise softmax of blocks of :math:`QK^\top`, and for :meth:`left`
-    (:math:`X A`, the :math:`A^\top` direction) the row log-sum-exp of :math:`s\,QK^\top + M`
-    once, kept as a length-:math:`N` tensor of the operator.
+    check its rows. :class:`AttentionChain` is the matrix-free operator from :math:`Q, K`: it
+    keeps the row log-sum-exp of :math:`s\,QK^\top + M` (a length-:math:`N` tensor) and forms
+    blocks of rows of :math:`A` for both products.
 
     Examples
     --------
@@ -84,7 +89,7 @@ class ChainOperator(abc.ABC):
 
     See Also
     --------
-    DenseChain, DampedChain, SourceChain
+    DenseChain, DampedChain, SourceChain, AttentionChain
     as_operator : a tensor or an operator, as an operator.
 
     References
@@ -585,3 +590,351 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
        :cite:`erel2025attention`.
     """
     return torch.softmax(attention_logits(q, k, scale, bias, dtype), dim=-1)
+
+
+#: Row blocks of :class:`AttentionChain`: at most this many bytes of :math:`A` are held at once,
+#: per device type (on CPU a block of rows fits in cache; see the Numerics page).
+ATTENTION_BLOCK_BYTES = {"cpu": 32 * 2 ** 20, "cuda": 512 * 2 ** 20}
+
+# blocks have at least this many rows (fewer chains at a time instead): small matrix products
+# waste the CPU
+_MIN_ROWS = 64
+
+
+def _check_bias(bias: Tensor, N: int) -> Tensor:
+    """The additive bias as ``(..., 1 or N, 1 or N)``, checked: no NaN, no ``+inf``."""
+    if bias.ndim < 2:
+        bias = bias.reshape(*([1] * (2 - bias.ndim)), *bias.shape)
+    if bias.shape[-1] not in (1, N) or bias.shape[-2] not in (1, N):
+        raise ValueError(f"mask of shape {tuple(bias.shape)} does not broadcast to the "
+                         f"(..., {N}, {N}) attention logits")
+    if bool(torch.isnan(bias).any()) or bool((bias == float("inf")).any()):
+        raise ValueError("mask has NaN or +inf entries; an additive mask is 0 (or finite) where "
+                         "attending is allowed and -inf where it is not")
+    return bias
+
+
+class AttentionChain(ChainOperator):
+    r"""The attention chain :math:`A = \operatorname{softmax}(s\,QK^\top + M)`, computed from
+    ``q`` and ``k`` block by block, never stored as an :math:`N \times N` matrix.
+
+    Parameters
+    ----------
+    q, k : Tensor, shape (..., N, d)
+        Queries and keys (self-attention: as many keys as queries, so that :math:`A` is a
+        chain). Their batch shapes broadcast; half precision is upcast.
+    scale : float, optional
+        Logit scale :math:`s`; :math:`d^{-1/2}` if ``None``.
+    mask : Tensor, optional
+        A boolean keep-mask (``True`` = may attend) or an additive float mask :math:`M` (finite,
+        or ``-inf`` on removed keys), broadcastable to ``(..., N, N)``: a key mask of shape
+        ``(..., 1, N)`` costs nothing; a full ``(..., N, N)`` one is the caller's memory.
+    causal : bool
+        Query :math:`i` attends to keys :math:`j \le i` only (as ``is_causal`` in
+        :func:`torch.nn.functional.scaled_dot_product_attention`); half of the blocks' work is
+        skipped.
+    dtype : torch.dtype, optional
+        ``torch.float32`` (default; float64 input stays float64) or ``torch.float64``.
+    block_bytes : int, optional
+        Largest block of :math:`A` held at once (default :data:`ATTENTION_BLOCK_BYTES` of the
+        device): rows of all chains of the batch, or of fewer chains at a time when a block
+        would otherwise have fewer than 64 rows (a block has at least 64 rows, or all
+        :math:`N` when :math:`N < 64`).
+    sdpa : bool
+        On CUDA in float32 without a ``mask``, compute :math:`AX` with
+        :func:`~torch.nn.functional.scaled_dot_product_attention` (``X`` as the values).
+
+    Attributes
+    ----------
+    bias : Tensor or None, shape (..., 1 or N, 1 or N)
+        The additive mask :math:`M` (without the causal part).
+    causal : bool
+    lse : Tensor, shape (..., N)
+        The row log-sum-exp :math:`\ell_i = \log \sum_j \exp(s\,q_i \cdot k_j + M_{ij})`.
+
+    Raises
+    ------
+    ValueError
+        ``q``/``k`` not real floating tensors of matching ``N`` and ``d`` (cross-attention is not
+        a chain), NaN or infinite entries, a non-finite ``scale``, a ``mask`` that does not
+        broadcast or holds NaN/``+inf``, batch shapes that do not broadcast, or a query row whose
+        keys are all removed (its row of :math:`A` is not a distribution).
+
+    Notes
+    -----
+    Building the operator takes one pass over the blocks of :math:`s\,QK^\top + M` for the row
+    log-sum-exp :math:`\ell`; every entry is then known in closed form,
+    :math:`A_{ij} = \exp(s\,q_i \cdot k_j + M_{ij} - \ell_i)`, so
+
+    - :math:`AX` (``right``): for each block of rows :math:`R`, :math:`A_{R,:} X`;
+    - :math:`XA` (``left``, the :math:`A^\top` direction): :math:`\sum_R X_{:,R} A_{R,:}`;
+
+    each product recomputes the blocks of :math:`QK^\top`, holding one block of rows (at most
+    ``block_bytes``) at a time: :math:`O(N d + N k)` memory besides that block, against
+    :math:`N^2` for the matrix. On CUDA in float32 without a mask, ``right`` goes through
+    :func:`~torch.nn.functional.scaled_dot_product_attention` with ``X`` as the values (fused
+    kernels compute the same softmax without forming the block). Entries below the smallest normal
+    float are computed as that number (about :math:`10^{-38}` in float32; subnormal arithmetic is
+    an order of magnitude slower on CPUs): every entry of a softmax of finite logits is positive,
+    and stays so; removed keys are exactly 0. Damping and the source chain come on top,
+    analytically (:class:`DampedChain`, :class:`SourceChain`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, k = torch.randn(2, 6, 4, generator=g), torch.randn(2, 6, 4, generator=g)
+    >>> op = AttentionChain(q, k, causal=True)
+    >>> op.n, tuple(op.batch_shape)
+    (6, (2,))
+    >>> A = attention_probs(q, k, 0.5, mask_to_bias(torch.ones(6, 6, dtype=torch.bool).tril()))
+    >>> torch.allclose(op.dense(), A, atol=1e-6)
+    True
+    >>> x = torch.full((2, 1, 6), 1 / 6)
+    >>> torch.allclose(op.left(x), x @ A, atol=1e-6)
+    True
+
+    See Also
+    --------
+    attention_probs : the dense matrix.
+    attnchain.capture.QK.operator : the operator of a captured layer (``keep="qk"``).
+    attnchain.token_rank, attnchain.lambda2, attnchain.bounce : run on it unchanged.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    .. [2] Dao et al., "FlashAttention", NeurIPS 2022 :cite:`dao2022flashattention` (attention
+       recomputed from the saved log-sum-exp in its backward pass; the fused kernels behind
+       ``scaled_dot_product_attention``).
+    """
+
+    def __init__(self, q, k, scale: Optional[float] = None, mask=None, causal: bool = False,
+                 dtype: Optional[torch.dtype] = None, block_bytes: Optional[int] = None,
+                 sdpa: bool = True):
+        q, k = as_tensor(q, "q"), as_tensor(k, "k")
+        for t, name in ((q, "q"), (k, "k")):
+            check_real(t, name)
+            if not t.is_floating_point() or t.ndim < 2:
+                raise ValueError(f"{name} must be a floating tensor of shape (..., N, d), got "
+                                 f"{t.dtype} of shape {tuple(t.shape)}")
+        if q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"q and k must have the same feature dimension d, got "
+                             f"{q.shape[-1]} and {k.shape[-1]}")
+        if q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"q has {q.shape[-2]} tokens and k has {k.shape[-2]}: a chain needs "
+                             "as many keys as queries (self-attention)")
+        if q.device != k.device:
+            raise ValueError(f"q is on {q.device} and k on {k.device}")
+        N, d = q.shape[-2:]
+        if N == 0:
+            raise ValueError("q and k have no tokens")
+        dtype = compute_dtype(q if q.dtype == torch.float64 else k, dtype)
+        if scale is None:
+            scale = d ** -0.5
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        q, k = q.to(dtype), k.to(dtype)
+        if not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+            raise ValueError("q or k has NaN or infinite entries")
+        batch = broadcast_batch(q.shape[:-2], k.shape[:-2], "q", "k")
+        bias = None
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise ValueError(f"mask must be a tensor, not {type(mask).__name__}")
+            bias = _check_bias(mask_to_bias(mask.to(q.device), dtype), N)
+            batch = broadcast_batch(batch, bias.shape[:-2], "q and k", "mask")
+            bias = bias.expand(*batch, *bias.shape[-2:])
+        if block_bytes is None:
+            block_bytes = ATTENTION_BLOCK_BYTES.get(q.device.type, ATTENTION_BLOCK_BYTES["cuda"])
+        if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+            raise ValueError(f"block_bytes must be a positive int, got {block_bytes!r}")
+        # augmented so that one product gives the exponent of A:
+        # [s q_i, -lse_i] . [k_j, 1] = s q_i . k_j - lse_i (the last column is 0 until lse is known)
+        qa = torch.cat([(q * scale).expand(*batch, N, d), q.new_zeros(*batch, N, 1)], -1)
+        ka = torch.cat([k, k.new_ones(*k.shape[:-1], 1)], -1).expand(*batch, N, d + 1)
+        self._set(qa, ka, bias, bool(causal), None, block_bytes, bool(sdpa))
+        lse = self._row_lse()
+        if bool(torch.isneginf(lse).any()):
+            raise ValueError(f"query row {first_bad(torch.isneginf(lse))} (batch/row index) "
+                             "attends to no key: every key is removed by the mask")
+        qa[..., -1] = -lse
+        self.lse = lse
+
+    def _set(self, qa, ka, bias, causal, lse, block_bytes, sdpa) -> "AttentionChain":
+        self._qa, self._ka, self.bias, self.causal, self.lse = qa, ka, bias, causal, lse
+        self.block_bytes, self.sdpa = block_bytes, sdpa
+        self.n, self.batch_shape = qa.shape[-2], qa.shape[:-2]
+        self.dtype, self.device = qa.dtype, qa.device
+        # the size of the map each product recomputes: the solvers then group (and stop)
+        # chains as they would the dense maps, so each chain takes the passes it needs
+        self.member_bytes = self.n * self.n * (torch.finfo(self.dtype).bits // 8)
+        self._removed = None if bias is None or not bool(torch.isneginf(bias).any()) \
+            else torch.isneginf(bias)
+        return self
+
+    @property
+    def q(self) -> Tensor:
+        """The queries times ``scale``, ``(..., N, d)``, in the compute dtype."""
+        return self._qa[..., :-1]
+
+    @property
+    def k(self) -> Tensor:
+        """The keys, ``(..., N, d)``."""
+        return self._ka[..., :-1]
+
+    def map_batch(self, fn) -> "AttentionChain":
+        bias = None if self.bias is None else fn(self.bias, 2)
+        lse = None if self.lse is None else fn(self.lse, 1)
+        return AttentionChain.__new__(AttentionChain)._set(
+            fn(self._qa, 2), fn(self._ka, 2), bias, self.causal, lse, self.block_bytes,
+            self.sdpa)
+
+    @property
+    def positive(self) -> bool:
+        """True when every entry of :math:`A` is positive (no removed key, not causal): the
+        chain is then irreducible and aperiodic."""
+        return not self.causal and self._removed is None
+
+    # ------------------------------------------------------------------ blocks
+    def _plan(self, members: int) -> tuple[int, int]:
+        """``(chains, rows)``: products run on at most ``chains`` chains at a time, in blocks of
+        ``rows`` rows, so that a block holds at most ``block_bytes`` of :math:`A` (or the
+        blocks of ``_MIN_ROWS`` rows of one chain, when even those are larger)."""
+        per_row = self.n * torch.finfo(self.dtype).bits // 8
+        low = min(self.n, _MIN_ROWS)
+        rows = self.block_bytes // (max(1, members) * per_row)
+        if rows >= low:
+            return members, min(self.n, rows)
+        chains = max(1, self.block_bytes // (low * per_row))
+        return chains, max(low, min(self.n, self.block_bytes // (chains * per_row)))
+
+    def _run(self, kernel, X: Tensor, tail: int):
+        """``kernel(op, X, rows)`` over pieces of the batch (see :meth:`_plan`); results have
+        ``tail`` non-batch dimensions."""
+        batch = self._out_batch(X)
+        members = math.prod(batch)
+        chains, rows = self._plan(members)
+        if chains >= members:
+            return kernel(self, X, rows)
+        op = self.expand(*batch)
+        X = X.expand(*batch, *X.shape[X.ndim - 2:])
+        out = None
+        lead = [range(n) for n in batch[:-1]]
+        for idx in itertools.product(*lead):
+            for c0 in range(0, batch[-1], chains):
+                piece = (*idx, slice(c0, c0 + chains))
+                y = kernel(op[piece], X[piece], rows)
+                if out is None:
+                    out = y.new_empty(*batch, *y.shape[y.ndim - tail:])
+                out[piece] = y
+        return out
+
+    def _logits(self, r0: int, r1: int, removed: bool = True):
+        r"""Rows ``r0:r1`` of :math:`s\,QK^\top + M - \ell` (before ``lse`` is known: of
+        :math:`s\,QK^\top + M`), ``(*batch, r, nk)``, over keys ``0:nk`` (``nk = r1`` when
+        causal: later keys are removed). ``removed``: set removed entries to ``-inf``."""
+        nk = r1 if self.causal else self.n
+        L = torch.matmul(self._qa[..., r0:r1, :], self._ka[..., :nk, :].mT)
+        if self.bias is not None:
+            b = self.bias if self.bias.shape[-2] == 1 else self.bias[..., r0:r1, :]
+            L += b if b.shape[-1] == 1 else b[..., :nk]
+        if self.causal and removed:
+            L[..., r0:r1].masked_fill_(self._triangle(r0, r1), float("-inf"))
+        return L, nk
+
+    def _triangle(self, r0: int, r1: int) -> Tensor:
+        r = r1 - r0
+        return torch.ones(r, r, dtype=torch.bool, device=self.device).triu_(1)
+
+    @staticmethod
+    def _blocks(n: int, rows: int):
+        return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+    def _row_lse(self) -> Tensor:
+        def kernel(op, _, rows):
+            out = op._qa.new_empty(op._qa.shape[:-1])
+            floor = math.log(torch.finfo(op.dtype).tiny)
+            for r0, r1 in op._blocks(op.n, rows):  # log-sum-exp in place: one block in memory
+                L = op._logits(r0, r1)[0]
+                m = L.amax(-1, keepdim=True)
+                dead = torch.isneginf(m)  # every key removed
+                m.masked_fill_(dead, 0.0)
+                L.sub_(m).clamp_min_(floor).exp_()
+                out[..., r0:r1] = L.sum(-1).log_().add_(m.squeeze(-1)).masked_fill_(
+                    dead.squeeze(-1), float("-inf"))
+                del L
+            return out.unsqueeze(-1)
+
+        return self._run(kernel, self._qa.new_empty(0, 0), 2).squeeze(-1)
+
+    def _probs(self, r0: int, r1: int):
+        """Rows ``r0:r1`` of :math:`A` over keys ``0:nk``: ``((*batch, r, nk), nk)``."""
+        L, nk = self._logits(r0, r1, removed=False)  # removed entries are zeroed below
+        floor = math.log(torch.finfo(self.dtype).tiny)
+        L.clamp_min_(floor).exp_()
+        if self._removed is not None:
+            m = self._removed if self._removed.shape[-2] == 1 else self._removed[..., r0:r1, :]
+            L.masked_fill_(m if m.shape[-1] == 1 else m[..., :nk], 0.0)
+        if self.causal:
+            L[..., r0:r1].masked_fill_(self._triangle(r0, r1), 0.0)
+        return L, nk
+
+    def _out_batch(self, X: Tensor) -> torch.Size:
+        return torch.broadcast_shapes(self.batch_shape, X.shape[:-2])
+
+    # ------------------------------------------------------------------ products
+    def left(self, X: Tensor) -> Tensor:
+        def kernel(op, X, rows):
+            out = X.new_zeros(*op._out_batch(X), X.shape[-2], op.n)
+            for r0, r1 in op._blocks(op.n, rows):
+                P, nk = op._probs(r0, r1)
+                out[..., :nk] += torch.matmul(X[..., r0:r1], P)
+                del P  # before the next block is formed
+            return out
+
+        return self._run(kernel, X, 2)
+
+    def right(self, X: Tensor) -> Tensor:
+        if self.sdpa and self.device.type == "cuda" and self.dtype == torch.float32 \
+                and self.bias is None:
+            return self._run(AttentionChain._right_sdpa, X, 2)
+
+        def kernel(op, X, rows):
+            out = X.new_empty(*op._out_batch(X), op.n, X.shape[-1])
+            for r0, r1 in op._blocks(op.n, rows):
+                P, nk = op._probs(r0, r1)
+                out[..., r0:r1, :] = torch.matmul(P, X[..., :nk, :])
+                del P
+            return out
+
+        return self._run(kernel, X, 2)
+
+    def _right_sdpa(self, X: Tensor, rows: int) -> Tensor:
+        """:math:`AX` by ``scaled_dot_product_attention`` over blocks of ``rows`` queries, ``X``
+        (padded to a multiple of 8 columns) as the values."""
+        from torch.nn.functional import pad, scaled_dot_product_attention
+
+        batch, N, c = self._out_batch(X), self.n, X.shape[-1]
+        Xp = pad(X, (0, -c % 8))
+        flat = lambda t: t.expand(*batch, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:])  # noqa
+        q, k, v = flat(self.q), flat(self.k), flat(Xp)
+        out = X.new_empty(q.shape[0], 1, N, v.shape[-1])
+        for r0, r1 in self._blocks(N, rows):
+            nk = r1 if self.causal else N
+            keep = None  # causal: query r0 + t sees keys 0 .. r0 + t (a block-sized mask)
+            if self.causal:
+                keep = torch.ones(r1 - r0, nk, dtype=torch.bool, device=self.device).tril_(r0)
+            out[:, :, r0:r1] = scaled_dot_product_attention(
+                q[:, :, r0:r1], k[:, :, :nk], v[:, :, :nk], attn_mask=keep, scale=1.0)
+            del keep
+        return out.reshape(*batch, N, -1)[..., :c]
+
+    def dense(self) -> Tensor:
+        out = self._qa.new_zeros(*self.batch_shape, self.n, self.n)
+        for r0, r1 in self._blocks(self.n, self._plan(math.prod(self.batch_shape))[1]):
+            P, nk = self._probs(r0, r1)
+            out[..., r0:r1, :nk] = P
+            del P
+        return out

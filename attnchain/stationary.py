@@ -26,11 +26,12 @@ from ._solvers import dense, gmres
 from ._validate import (as_tensor, broadcast_batch, check_choice, check_fraction, check_int,
                         check_personalization, check_positive, check_rows, check_square,
                         first_bad, late_row_check, prepare)
+from ._validate import _nonnegative_rows as nonnegative_rows
 from .errors import ConvergenceError, ReducibleChainError
 from .operators import ChainOperator, DampedChain, DenseChain, as_operator
 
-__all__ = ["damped", "token_rank", "stationary_dense", "closed_class_count",
-           "TOKEN_RANK_METHODS", "TOKEN_RANK_GROUP_BYTES"]
+__all__ = ["damped", "token_rank", "token_rank_sequence", "stationary_dense",
+           "closed_class_count", "TOKEN_RANK_METHODS", "TOKEN_RANK_GROUP_BYTES"]
 
 #: The methods of :func:`token_rank`.
 TOKEN_RANK_METHODS = ("krylov", "power", "dense")
@@ -171,8 +172,26 @@ def _resolution(dtype: torch.dtype) -> float:
     return 4 * torch.finfo(dtype).eps
 
 
-def _step_tol(D: torch.Tensor, tol: float) -> torch.Tensor:
-    r"""Per chain of the float64 chains ``D``, the step change that certifies L1 error ``tol`` at ``alpha = 1``
+class _LazyChain(ChainOperator):
+    """The lazy chain :math:`(I + A)/2` of an operator (same stationary law, aperiodic)."""
+
+    def __init__(self, op: ChainOperator):
+        self.op, self.n, self.batch_shape = op, op.n, op.batch_shape
+        self.dtype, self.device, self.member_bytes = op.dtype, op.device, op.member_bytes
+
+    def left(self, X):
+        return 0.5 * (X + self.op.left(X))
+
+    def right(self, X):
+        return 0.5 * (X + self.op.right(X))
+
+    def map_batch(self, fn):
+        return _LazyChain(self.op.map_batch(fn))
+
+
+def _step_tol(D, tol: float) -> torch.Tensor:
+    r"""Per chain of the float64 chains ``D`` (or of a matrix-free operator, by the Krylov
+    bound below whatever its size), the step change that certifies L1 error ``tol`` at ``alpha = 1``
     (Notes of :func:`token_rank`): ``tol`` times the gap :math:`\min_{\lambda \ne 1}
     |1 - \lambda|` (at most 1). The gap is computed from the eigenvalues up to
     ``AUTO_DENSE_MAX_N`` tokens, and above as its lower bound :math:`2(1 - |\mu_2|)`, with
@@ -180,10 +199,17 @@ def _step_tol(D: torch.Tensor, tol: float) -> torch.Tensor:
     float64 cannot resolve that step change."""
     from .spectral import AUTO_DENSE_MAX_N, lambda2  # lazy: spectral imports this module
 
-    N = D.shape[-1]
+    if isinstance(D, ChainOperator):  # a matrix-free chain: only the Krylov bound
+        lazy, N = _LazyChain(D), D.n
+        D = torch.empty(0, dtype=D.dtype, device=D.device).expand(*D.batch_shape, 0, 0)
+    else:
+        N, lazy = D.shape[-1], None
     if N == 1:
         return torch.full(D.shape[:-2], tol, dtype=D.dtype, device=D.device)
-    if N <= AUTO_DENSE_MAX_N:
+    if lazy is not None:
+        l2_tol = 1e-5
+        gap = 2.0 * (1.0 - lambda2(lazy, method="krylov", tol=l2_tol) - l2_tol).clamp_min(0)
+    elif N <= AUTO_DENSE_MAX_N:
         gap = (1 - dense.eigvals(D)).abs().sort(-1).values[..., 1]  # [..., 0]: λ = 1
     else:
         lazy = DenseChain(0.5 * (D + torch.eye(N, dtype=D.dtype, device=D.device)), check=False)
@@ -278,6 +304,23 @@ def stationary_dense(A, alpha: float = 0.99, personalization=None, atol: float =
     return _solve_dense(prepare(A, torch.float64, atol), alpha, personalization)
 
 
+def _start(start, chain: DampedChain) -> torch.Tensor:
+    """``token_rank``'s ``start=``, checked and normalised, as (B, N) for the flat chain."""
+    N = chain.n
+    x = as_tensor(start, "start")
+    if not x.is_floating_point():
+        raise ValueError(f"start must be a real floating tensor (a distribution), got {x.dtype}")
+    x = nonnegative_rows(x.to(device=chain.device, dtype=chain.dtype), N, "start")
+    if bool((x.sum(-1) == 0).any()):
+        raise ValueError("start sums to 0; it must put mass on some token")
+    try:
+        x = x.expand(*chain.batch_shape, N)
+    except RuntimeError:
+        raise ValueError(f"the batch shape {tuple(x.shape[:-1])} of start does not broadcast to "
+                         f"the batch shape {tuple(chain.batch_shape)} of the chains") from None
+    return (x / x.sum(-1, keepdim=True)).reshape(-1, N)
+
+
 def _token_rank_dense(A, alpha, personalization, dtype, check, atol, return_info):
     """``token_rank(method="dense")``: the float64 solve for the chain that ``as_operator``
     makes of ``A`` (so ``A`` and ``DenseChain(A)`` agree), returned in that chain's dtype."""
@@ -332,7 +375,8 @@ class _Implicit(torch.autograd.Function):
 
 def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
                max_iter: int = 1000, method: str = "krylov", dtype: Optional[torch.dtype] = None,
-               check: bool = True, atol: float = 1e-4, return_info: bool = False):
+               check: bool = True, atol: float = 1e-4, return_info: bool = False,
+               start=None):
     r"""TokenRank: the stationary distribution of the damped attention chain.
 
     Parameters
@@ -368,6 +412,12 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         Also return a dict with ``"passes"`` (products with ``A`` in units of the whole batch,
         checks excluded, 2 decimals; 0 for ``"dense"``), ``"check_passes"`` (passes of the input
         check) and ``"residual"`` (final L1 change per chain, shape ``(...,)``).
+    start : Tensor, shape (N,) or (..., N), optional
+        A warm start for ``"krylov"`` and ``"power"``: the first iterate instead of ``p``
+        (non-negative with a positive sum, normalised; its batch shape broadcasts to the
+        chains'). The TokenRank of a neighbouring chain (the previous denoising step, the
+        previous layer) is a good one; the convergence rule, and so the guarantee, is the same
+        from any start. Ignored by ``"dense"``.
 
     Returns
     -------
@@ -386,7 +436,8 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         (a :class:`ValueError`) ``alpha = 1`` and the chain has several closed classes.
     ValueError
         Invalid ``A``, ``alpha``, ``personalization``, ``tol``, ``max_iter``, ``method`` or
-        ``dtype``; or an operator other than a ``DenseChain`` whose tensors require grad.
+        ``dtype`` or ``start``; or an operator other than a ``DenseChain`` whose tensors require
+        grad.
 
     Notes
     -----
@@ -423,7 +474,11 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
     :math:`2(1 - |\mu_2|)`, :math:`\mu_2` the second eigenvalue of the lazy chain
     :math:`(I + A)/2` (above). Where float32 rounding cannot resolve that step change the chain is
     solved in float64 (and returned in float32); where float64 cannot either,
-    :class:`~attnchain.errors.ConvergenceError`.
+    :class:`~attnchain.errors.ConvergenceError`. A matrix-free chain whose entries are all
+    positive (:attr:`~attnchain.operators.AttentionChain.positive`) has one closed class, and
+    above :data:`~attnchain.spectral.AUTO_DENSE_MAX_N` tokens its gap comes from the Krylov
+    bound on the operator itself, so its matrix is never formed; it is not switched to float64
+    (build it in float64 where float32 cannot resolve the step).
 
     **Gradients.** For a tensor ``A`` (or a :class:`~attnchain.operators.DenseChain`) and
     ``personalization`` that require grad, the backward pass differentiates the stationary
@@ -479,9 +534,17 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         if late_check:  # the closed-class check needs a valid chain
             check_rows(op.A, atol)
             late_check = False
-        D = op.dense().to(torch.float64)  # a no-op for float64 chains
-        _check_unique(D)
-        step = _step_tol(D.detach(), tol)
+        from .spectral import AUTO_DENSE_MAX_N  # lazy: spectral imports this module
+
+        if not isinstance(op, DenseChain) and op.n > AUTO_DENSE_MAX_N \
+                and getattr(op, "positive", False):
+            # matrix-free with every entry positive: one closed class, and the gap from the
+            # operator itself (never the N x N matrix)
+            step = _step_tol(op, tol)
+        else:
+            D = op.dense().to(torch.float64)  # a no-op for float64 chains
+            _check_unique(D)
+            step = _step_tol(D.detach(), tol)
         if bool((step < _resolution(op.dtype)).any()):  # certify in float64 instead
             if not isinstance(op, DenseChain):
                 raise ConvergenceError(
@@ -495,10 +558,11 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
         step = step.to(op.dtype).expand(chain.batch_shape).reshape(-1)
     batch, N = chain.batch_shape, chain.n
     flat = chain.reshape(-1)
+    x0 = None if start is None else _start(start, chain)
     with torch.no_grad():
         x, err, passes = gmres.stationary(flat, step, max_iter, method, TOKEN_RANK_GROUP_BYTES,
                                           late_row_check(flat.op.A, atol, op.A)
-                                          if late_check else None)
+                                          if late_check else None, x0=x0)
     pi = x.reshape(*batch, N)
     if torch.is_grad_enabled() and (op.requires_grad or chain.p.requires_grad):
         if not isinstance(op, DenseChain):
@@ -511,3 +575,79 @@ def token_rank(A, alpha: float = 0.99, personalization=None, tol: float = 1e-6,
                 "residual": err.reshape(batch)}
         return pi, info
     return pi
+
+
+def token_rank_sequence(A, warm_start: bool = True, **kwargs):
+    r"""TokenRank of a sequence of chains (the steps of a denoising trajectory, the layers of a
+    model), each solved from the answer of the one before.
+
+    Parameters
+    ----------
+    A : Tensor, shape (S, ..., N, N), or ChainOperator with batch shape (S, ...)
+        The chains; the first batch dimension is the sequence (the step dimension of
+        ``capture(..., keep="qk")`` under ``step_reduce="stack"``).
+    warm_start : bool
+        Start step ``t`` from the TokenRank of step ``t - 1`` (:func:`token_rank`'s ``start=``);
+        ``False`` solves every step cold, from ``p``: the baseline for the savings.
+    **kwargs
+        Passed to :func:`token_rank` (``alpha``, ``personalization``, ``tol``, ``method``, ...;
+        not ``start`` or ``return_info``).
+
+    Returns
+    -------
+    pi : Tensor, shape (S, ..., N)
+        The TokenRank of every step, each meeting :func:`token_rank`'s convergence rule.
+    passes : list of float
+        Passes over each step's chains (in units of that step's batch).
+
+    Raises
+    ------
+    ValueError
+        ``A`` has no sequence dimension, or ``start``/``return_info`` among ``kwargs``; and
+        whatever :func:`token_rank` raises.
+
+    Notes
+    -----
+    Attention changes little from one denoising step to the next, so the previous answer is
+    close to the new one and the solver starts near its goal; the answer satisfies the same L1
+    rule whatever the start, so warm and cold results agree to within the tolerance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.softmax(torch.randn(4, 30, 30, generator=torch.Generator().manual_seed(0)), -1)
+    >>> A = A[:1] + 0.01 * (A - A[:1])                  # four nearby chains
+    >>> A = A / A.sum(-1, keepdim=True)
+    >>> pi, passes = token_rank_sequence(A)
+    >>> pi_cold, passes_cold = token_rank_sequence(A, warm_start=False)
+    >>> bool((pi - pi_cold).abs().sum(-1).max() < 1e-5), sum(passes) < sum(passes_cold)
+    (True, True)
+
+    See Also
+    --------
+    token_rank : one step; ``start=`` is the warm start.
+    attnchain.capture.Recorder.operators : the steps of a diffusion model as operators.
+
+    References
+    ----------
+    .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
+       :cite:`erel2025attention`.
+    """
+    for bad in ("start", "return_info"):
+        if bad in kwargs:
+            raise ValueError(f"token_rank_sequence sets {bad}= itself")
+    if not isinstance(A, ChainOperator):
+        A = as_tensor(A, "A")
+        if A.ndim < 3:
+            raise ValueError(f"A must have a sequence dimension, shape (S, ..., N, N); got "
+                             f"{tuple(A.shape)}")
+    elif len(A.batch_shape) < 1:
+        raise ValueError("the operator must have a sequence dimension (batch shape (S, ...))")
+    pis, passes, prev = [], [], None
+    for t in range(A.shape[0] if not isinstance(A, ChainOperator) else A.batch_shape[0]):
+        pi, info = token_rank(A[t], start=prev if warm_start else None, return_info=True,
+                              **kwargs)
+        pis.append(pi)
+        passes.append(info["passes"])
+        prev = pi
+    return torch.stack(pis), passes

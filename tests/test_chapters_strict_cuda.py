@@ -40,6 +40,7 @@ SMOKE = {
     # the SD1.4 stand-in (attnchain.zoo.stable_diffusion) at 128 px: a 16 x 16 latent, 4 levels
     "11_diffseg": {"N_IMAGES": 2, "SIZE": 128, "BATCH_SIZE": 2, "N_BOOT": 100, "SHOW": 0,
                    "DATA_ROOT": str(OUT / "coco-stuff")},
+    "12_scaling_up": {"SIZES": [256, 512], "HEADS": 2, "HEAD_DIM": 16, "WARM_STEPS": 3},
 }
 
 

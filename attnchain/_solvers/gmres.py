@@ -60,14 +60,16 @@ def gmres_cycle(op, x0, r, m: int, target: torch.Tensor, budget: int):
     return x0 + torch.matmul(y.unsqueeze(1), V[:, :k]).squeeze(1), used
 
 
-def stationary_group(damped: DampedChain, tol, max_iter: int, method: str):
+def stationary_group(damped: DampedChain, tol, max_iter: int, method: str, x0=None):
     """The stationary distributions of a flat damped chain (B chains); (pi, L1 change, passes).
-    ``tol``: one tolerance, or one per chain (B,)."""
+    ``tol``: one tolerance, or one per chain (B,). ``x0`` (B, N): the first iterate (a warm
+    start, normalised), else the teleport distribution ``p``."""
     chain = CountedChain(damped)
     alpha, P2 = damped.alpha, damped.p
     B, N = P2.shape
+    start = P2.clone() if x0 is None else x0.clone()
     if method == "power":
-        x, err = power_from(chain, P2.clone(), tol, max_iter, "power")
+        x, err = power_from(chain, start, tol, max_iter, "power")
         return x, err, chain.passes
     # op(v) = v (I - alpha A + c 1 u^T): alpha < 1 -> c = 0, b = (1 - alpha) p;
     # alpha = 1 -> c = 1, u = 1/N, b = u (non-singular iff pi is unique)
@@ -80,7 +82,7 @@ def stationary_group(damped: DampedChain, tol, max_iter: int, method: str):
         return v - alpha * chain.product(v) + cu * v.sum(-1, keepdim=True)
 
     m = min(30, N)
-    x = normalise(P2.clone())
+    x = normalise(start)
     # the L1 norm is at most sqrt(N) times the L2 norm
     target = torch.as_tensor(0.5 * tol / math.sqrt(N), dtype=P2.dtype, device=P2.device
                              ).expand(B)
@@ -111,10 +113,11 @@ def stationary_group(damped: DampedChain, tol, max_iter: int, method: str):
 
 
 def stationary(damped: DampedChain, tol, max_iter: int, method: str, group_bytes: int,
-               check: Optional[Callable] = None):
+               check: Optional[Callable] = None, x0: Optional[torch.Tensor] = None):
     """:func:`stationary_group` over cache-sized groups of a flat damped chain, each checked by
-    ``check(s)`` (when given) just before its first product; returns (pi (B, N), L1 change (B,),
-    passes in units of the whole batch)."""
+    ``check(s)`` (when given) just before its first product, from the first iterates ``x0``
+    (B, N) when given; returns (pi (B, N), L1 change (B,), passes in units of the whole
+    batch)."""
     B = damped.batch_shape[0]
     if B == 0:
         empty = damped.p.new_zeros(0, damped.n)
@@ -124,7 +127,7 @@ def stationary(damped: DampedChain, tol, max_iter: int, method: str, group_bytes
         if check is not None:
             check(s)
         x, err, n = stationary_group(damped[s], tol[s] if torch.is_tensor(tol) else tol,
-                                     max_iter, method)
+                                     max_iter, method, None if x0 is None else x0[s])
         xs.append(x)
         errs.append(err)
         passes += n * x.shape[0] / B

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from attnchain.capture.core import Observation, install, undo_all
 from attnchain.capture.layout import ROLES, TokenLayout
-from attnchain.operators import attention_logits, attention_probs, mask_to_bias
+from attnchain.operators import (AttentionChain, attention_logits, attention_probs,
+                                 mask_to_bias)
 from attnchain.spectral import HEAD_WEIGHTINGS, head_mean
 
 __all__ = ["Recorder", "QK", "TokenLayout", "ROLES", "STEP_REDUCTIONS"]
@@ -67,6 +68,11 @@ class QK:
         the kept heads and rows.
     cols : LongTensor or None
         Key positions kept after the softmax (the ``cols=`` option).
+    causal : bool
+        Query ``i`` attends to keys ``j <= i`` only (a causal layer); not folded into ``mask``,
+        so that no ``N × N`` tensor is stored.
+    rows : LongTensor or None
+        Query positions kept (the ``rows=`` option); ``q`` holds those rows only.
 
     Examples
     --------
@@ -82,17 +88,76 @@ class QK:
     scale: float
     mask: Tensor | None = None
     cols: Tensor | None = None
+    causal: bool = False
+    rows: Tensor | None = None
+
+    def _bias(self, dtype: torch.dtype) -> Tensor | None:
+        """``mask`` plus the causal part (formed here, for the dense map only)."""
+        bias = None if self.mask is None else self.mask.to(dtype)
+        if self.causal:
+            dev = self.q.device
+            pos = torch.arange(self.q.shape[-2], device=dev) if self.rows is None \
+                else self.rows.to(dev)
+            later = torch.arange(self.k.shape[-2], device=dev) > pos[:, None]
+            causal = torch.zeros(later.shape, dtype=dtype, device=dev).masked_fill_(
+                later, float("-inf"))
+            bias = causal if bias is None else bias + causal
+        return bias
 
     def logits(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """``scale · q kᵀ + mask``, shape ``(..., N_q, N_k)`` (all keys)."""
-        return attention_logits(self.q, self.k, self.scale, self.mask, dtype)
+        return attention_logits(self.q, self.k, self.scale, self._bias(dtype), dtype)
 
     def probs(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Post-softmax attention ``(..., N_q, N_k)``, columns restricted when ``cols`` is set."""
-        p = attention_probs(self.q, self.k, self.scale, self.mask, dtype)
+        p = attention_probs(self.q, self.k, self.scale, self._bias(dtype), dtype)
         if self.cols is not None:
             p = p.index_select(-1, self.cols.to(p.device))
         return p
+
+    def operator(self, dtype: torch.dtype | None = None, **kwargs) -> AttentionChain:
+        r"""The layer's attention as a matrix-free chain operator, never an ``N × N`` map.
+
+        Parameters
+        ----------
+        dtype : torch.dtype, optional
+            ``torch.float32`` (default) or ``torch.float64``.
+        **kwargs
+            Passed to :class:`~attnchain.operators.AttentionChain` (``block_bytes``, ``sdpa``).
+
+        Returns
+        -------
+        AttentionChain
+            Batch shape ``q.shape[:-2]``: ``(S, B, H)`` under ``step_reduce="stack"``.
+
+        Raises
+        ------
+        ValueError
+            The record is not a chain: cross-attention, or rows/cols restricted by ``rows=`` or
+            ``cols=`` (capture all tokens for an operator).
+
+        Examples
+        --------
+        >>> import torch, attnchain as ac
+        >>> g = torch.Generator().manual_seed(0)
+        >>> qk = QK(q=torch.randn(1, 2, 5, 4, generator=g), k=torch.randn(1, 2, 5, 4, generator=g),
+        ...         scale=0.5)
+        >>> op = qk.operator()
+        >>> torch.allclose(ac.token_rank(op), ac.token_rank(qk.probs()), atol=1e-6)
+        True
+
+        See Also
+        --------
+        attnchain.operators.AttentionChain
+        """
+        if self.rows is not None or self.cols is not None:
+            raise ValueError("this record keeps only some rows or columns (rows=/cols=), so it "
+                             "is not a chain; capture all tokens to get an operator")
+        if self.q.shape[-2] != self.k.shape[-2]:
+            raise ValueError(f"{self.q.shape[-2]} queries attend to {self.k.shape[-2]} keys: "
+                             "cross-attention is not a chain")
+        return AttentionChain(self.q, self.k, scale=self.scale, mask=self.mask,
+                              causal=self.causal, dtype=dtype, **kwargs)
 
 
 def _bias_4d(bias: Tensor) -> Tensor:
@@ -123,7 +188,8 @@ def _stack_qk(calls: list[QK]) -> QK:
         masks = [ref.new_zeros((1, 1, 1, 1)) if m is None else m for m in masks]
         mask = _stack(list(torch.broadcast_tensors(*masks)))
     return QK(q=_stack([c.q for c in calls]), k=_stack([c.k for c in calls]),
-              scale=calls[0].scale, mask=mask, cols=calls[0].cols)
+              scale=calls[0].scale, mask=mask, cols=calls[0].cols, causal=calls[0].causal,
+              rows=calls[0].rows)
 
 
 class Recorder:
@@ -353,7 +419,7 @@ class Recorder:
         bias4 = mask_to_bias(mask, cd)
         if bias4 is not None:
             bias4 = _bias_4d(bias4)
-        if obs.is_causal:
+        if obs.is_causal and self.keep != "qk":  # keep="qk" stores the flag, not N x N
             causal = torch.full((n_q, n_k), float("-inf"), dtype=cd, device=q.device).triu_(1)
             causal = causal[None, None]
             bias4 = causal if bias4 is None else bias4 + causal
@@ -367,7 +433,8 @@ class Recorder:
             if bias4 is not None and bias4.shape[2] == n_q and n_q > 1:
                 bias4 = bias4.index_select(2, rows.to(bias4.device))
         if self.keep == "qk":
-            value = QK(q=q.to(self.dtype), k=k.to(self.dtype), scale=scale, mask=bias4, cols=cols)
+            value = QK(q=q.to(self.dtype), k=k.to(self.dtype), scale=scale, mask=bias4, cols=cols,
+                       causal=bool(obs.is_causal), rows=rows)
         else:
             value = self._maps_from_qk(name, q, k, scale, bias4, rows, cols)
         self._store_value(name, value, meta)
@@ -466,6 +533,16 @@ class Recorder:
     def qk(self) -> "OrderedDict[str, QK]":
         """``{layer: QK}`` under ``keep="qk"`` (empty otherwise)."""
         return self._records("qk")
+
+    @property
+    def operators(self) -> "OrderedDict[str, AttentionChain]":
+        """``{layer: AttentionChain}`` under ``keep="qk"``: each self-attention layer's chains as
+        matrix-free operators (:meth:`QK.operator`), batch shape ``([S,] B, H)``; cross-attention
+        layers and records restricted by ``rows=``/``cols=`` are left out. Each access builds the
+        operators anew (one pass over each layer's blocks for the row log-sum-exp)."""
+        return OrderedDict((n, qk.operator()) for n, qk in self.qk.items()
+                           if qk.rows is None and qk.cols is None
+                           and qk.q.shape[-2] == qk.k.shape[-2])
 
     @property
     def tokens(self) -> "OrderedDict[str, TokenLayout]":
