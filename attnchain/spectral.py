@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._solvers import block_krylov, dense
+from ._solvers import block_krylov, dense, last_level_cache_bytes
 from ._solvers.block_krylov import KRYLOV_BLOCK
 from ._validate import (as_tensor, check_choice, check_fraction, check_int, check_positive,
                         check_rows, check_square, late_row_check, prepare)
@@ -34,7 +34,7 @@ from .stationary import token_rank
 
 __all__ = ["lambda2", "eigenvalues", "head_weights", "head_mean", "metastable_states",
            "choose_bounces", "HEAD_WEIGHTINGS", "K_MAX", "LAMBDA2_METHODS", "AUTO_DENSE_MAX_N",
-           "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES"]
+           "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES", "KRYLOV_BATCH_BYTES", "CACHE_BYTES"]
 
 #: ``method="auto"`` uses the dense eigensolver up to this many tokens, Krylov above.
 AUTO_DENSE_MAX_N = 256
@@ -42,9 +42,17 @@ AUTO_DENSE_MAX_N = 256
 #: The methods of :func:`lambda2`.
 LAMBDA2_METHODS = ("auto", "dense", "krylov")
 
+#: Bytes of the CPU's largest cache (read from sysfs on Linux, else 32 MiB).
+CACHE_BYTES = last_level_cache_bytes()
+
 #: On CPU, Krylov runs the chains in groups of at most this many bytes, one group after the
-#: other (see the Numerics page).
-KRYLOV_GROUP_BYTES = 32 * 2 ** 20
+#: other, so that a group stays in cache from one pass to the next: three quarters of the
+#: largest cache, at most 32 MiB (see the Numerics page).
+KRYLOV_GROUP_BYTES = min(32 * 2 ** 20, CACHE_BYTES * 3 // 4)
+
+#: Chains larger than half the cache cannot stay in it between passes; Krylov then runs them
+#: in groups of at most this many bytes, for fewer, larger batched operations.
+KRYLOV_BATCH_BYTES = 2 ** 30
 
 #: The head weightings of :func:`head_mean` (one vocabulary across package, chapters and book).
 HEAD_WEIGHTINGS = ("uniform", "lambda2")
@@ -126,7 +134,7 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
 
 
 def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: float = 1e-5,
-            krylov_dim: int = 40, max_restarts: int = 50, atol: float = 1e-4,
+            krylov_dim: int = 64, max_restarts: int = 50, atol: float = 1e-4,
             return_info: bool = False) -> torch.Tensor:
     r"""Second-largest eigenvalue magnitude :math:`|\lambda_2|` of row-stochastic matrices.
 
@@ -246,7 +254,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
             and N > 2 and A.dtype in (torch.float32, torch.float64)
         op = DenseChain(A, dtype, atol, check=not late_check)
     batch = op.batch_shape
-    no_passes = {"passes": 0, "products": 0}
+    no_passes = {"passes": 0, "products": 0, "dense": 0}
     if N == 1:
         out = torch.zeros(batch, dtype=op.dtype, device=op.device)
         return (out, no_passes) if return_info else out
@@ -258,7 +266,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         ev = dense.eigvals(D).abs()
         out = torch.topk(ev, 2, dim=-1).values[..., 1].to(D.dtype)
         out = out.clamp(0, 1)
-        return (out, no_passes) if return_info else out
+        return (out, dict(no_passes, dense=out.numel())) if return_info else out
     if N == 2:  # the zero-sum subspace is one-dimensional: λ2 = A00 + A11 - 1 = trace - 1
         D = op.dense()
         out = (D[..., 0, 0] + D[..., 1, 1] - 1).abs()
@@ -267,18 +275,33 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         raise ValueError("lambda2(method='krylov') has no gradient: use method='dense' "
                          "(differentiable through torch.linalg.eigvals) or pass A.detach()")
     flat = op.reshape(-1)
-    try:
-        theta, products = block_krylov.lambda2(
-            flat, krylov_dim, tol, max_restarts, KRYLOV_GROUP_BYTES,
-            late_row_check(flat.A, atol, op.A) if late_check else None)
-    except ConvergenceError:
-        if not auto:
-            raise
-        if late_check:  # later groups were not checked yet
-            check_rows(op.A, atol)
-        return lambda2(op, method="dense", return_info=return_info)
+    group = KRYLOV_BATCH_BYTES if (flat.member_bytes or 0) > CACHE_BYTES // 2 else \
+        KRYLOV_GROUP_BYTES
+    r = block_krylov.lambda2(flat, krylov_dim, tol, max_restarts, group,
+                             late_row_check(flat.A, atol, op.A) if late_check else None)
+    theta = r.value.to(op.dtype)
+    bad = ~r.converged
+    n_bad = int(bad.sum())
+    if n_bad and not auto:
+        first = int(bad.nonzero()[0, 0])
+        idx = tuple(torch.unravel_index(torch.tensor(first), tuple(batch))) if batch else ()
+        raise ConvergenceError(
+            f"lambda2(method='krylov') did not converge for {n_bad} of {bad.numel()} "
+            f"matrices (first at batch index {tuple(int(i) for i in idx)}): the Ritz residual "
+            f"{r.residual[first].item():.3g} of the largest Ritz magnitudes stayed above "
+            f"tol = {tol:g} (it stopped halving for {block_krylov.STALL_PASSES} passes, or "
+            f"{max_restarts} restarts of {krylov_dim}-dimensional block Krylov spaces ran "
+            "out); their spectra have many eigenvalues of nearly the largest magnitude, which "
+            "no Krylov method separates in few passes; use method='dense' (method='auto' "
+            "solves just these matrices densely)",
+            passes=round(r.products / max(bad.numel(), 1), 2),
+            residual=r.residual[bad].max().item())
+    if n_bad:  # auto: the dense eigensolver for the matrices Krylov could not certify
+        D = flat[bad.nonzero()[:, 0]].dense()
+        theta[bad] = torch.topk(dense.eigvals(D).abs(), 2, dim=-1).values[..., 1].to(theta.dtype)
     out = theta.reshape(batch).clamp(0, 1)
-    info = {"passes": round(products / max(flat.batch_shape[0], 1), 2), "products": products}
+    info = {"passes": round(r.products / max(flat.batch_shape[0], 1), 2),
+            "products": r.products, "dense": n_bad}
     return (out, info) if return_info else out
 
 
