@@ -4,7 +4,7 @@ Every solver multiplies only through :class:`~attnchain.operators.ChainOperator`
 
 - :mod:`.gmres`: the stationary distribution of a damped chain (restarted GMRES, verified by one
   damped step, with power iteration as the fallback), :mod:`.power`: power iteration.
-- :mod:`.block_krylov`: :math:`|\\lambda_2|` by thick-restarted block Krylov iteration.
+- :mod:`.block_krylov`: :math:`|\\lambda_2|` by Krylov-Schur iteration, certified on the magnitude.
 
 Each solver takes a flattened operator (batch shape ``(B,)``) and works on cache-sized groups of
 its chains (:func:`cache_groups`); an optional ``check(s, rows=None)`` callback validates group

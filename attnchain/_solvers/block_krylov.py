@@ -1,4 +1,4 @@
-r"""|λ2| by thick-restarted block Krylov iteration with Rayleigh-Ritz on the zero-mean vectors.
+r"""|λ2| by Krylov-Schur iteration (thick restarts) with Rayleigh-Ritz on the zero-mean vectors.
 
 On the zero-mean vectors :math:`x \mapsto P A x` (:math:`P` removes the mean) has the spectrum of
 ``A`` with :math:`\lambda_1 = 1` replaced by 0, so its dominant eigenvalue magnitude is
