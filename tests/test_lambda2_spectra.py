@@ -26,8 +26,8 @@ def test_krylov_lambda2_on_the_family(kind, T, N, dtype):
 
 @pytest.mark.parametrize("kind, T, N", [("noisy", 3.0, 2048), ("noisy", 2.0, 1024)])
 def test_krylov_lambda2_on_large_family_heads(kind, T, N):
-    """One head each at N = 1,024 and 2,048, float32 by auto (Krylov, no dense solve) and
-    float64 by krylov: the noisy head at N = 2,048 is the one of the issue's table that needed
+    """One head each at N = 1,024 and 2,048, float32 by auto (Krylov, no dense solve), and at
+    N = 1,024 float64 by krylov: the noisy head at N = 2,048 is the one of the issue's table that needed
     133 passes with blocks of three (and more than 20 restarts at the old krylov_dim = 40, so
     that method='auto' solved it densely)."""
     A = heads(kind, 1, N, temperature=T, dtype=torch.float64)
@@ -35,7 +35,8 @@ def test_krylov_lambda2_on_large_family_heads(kind, T, N):
     got, info = ac.lambda2(A.float(), return_info=True)  # auto: Krylov at this size
     assert info["dense"] == 0 and info["passes"] > 0
     torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ac.lambda2(A, method="krylov"), ref, atol=1e-4, rtol=0)
+    if N <= 1024:  # float64 as well (at 2,048 a second solve would double the cost)
+        torch.testing.assert_close(ac.lambda2(A, method="krylov"), ref, atol=1e-4, rtol=0)
 
 
 def test_shift_heads_are_not_certified_and_auto_solves_only_them_densely():
@@ -47,7 +48,7 @@ def test_shift_heads_are_not_certified_and_auto_solves_only_them_densely():
     so no Krylov method of few passes separates |λ2| to 1e-4: method='krylov' raises (it gives
     up when its residual stops falling) rather than return an uncertified value, and
     method='auto' solves exactly these heads with the dense eigensolver."""
-    mixed = torch.cat([heads("noisy", 1, 300, temperature=3.0), heads("shift", 1, 300)])
+    mixed = torch.cat([heads("noisy", 1, 260, temperature=3.0), heads("shift", 1, 260)])
     with pytest.raises(ac.errors.ConvergenceError,
                        match=r"did not converge for 1 of 2 matrices \(first at batch index \(1,\)"):
         ac.lambda2(mixed, method="krylov")
