@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._solvers import block_krylov, dense
+from ._solvers import block_krylov, dense, last_level_cache_bytes
 from ._solvers.block_krylov import KRYLOV_BLOCK
 from ._validate import (as_tensor, check_choice, check_fraction, check_int, check_positive,
                         check_rows, check_square, late_row_check, prepare)
@@ -34,7 +34,7 @@ from .stationary import token_rank
 
 __all__ = ["lambda2", "eigenvalues", "head_weights", "head_mean", "metastable_states",
            "choose_bounces", "HEAD_WEIGHTINGS", "K_MAX", "LAMBDA2_METHODS", "AUTO_DENSE_MAX_N",
-           "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES"]
+           "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES", "KRYLOV_BATCH_BYTES", "CACHE_BYTES"]
 
 #: ``method="auto"`` uses the dense eigensolver up to this many tokens, Krylov above.
 AUTO_DENSE_MAX_N = 256
@@ -42,9 +42,17 @@ AUTO_DENSE_MAX_N = 256
 #: The methods of :func:`lambda2`.
 LAMBDA2_METHODS = ("auto", "dense", "krylov")
 
+#: Bytes of the CPU's largest cache (read from sysfs on Linux, else 32 MiB).
+CACHE_BYTES = last_level_cache_bytes()
+
 #: On CPU, Krylov runs the chains in groups of at most this many bytes, one group after the
-#: other (see the Numerics page).
-KRYLOV_GROUP_BYTES = 32 * 2 ** 20
+#: other, so that a group stays in cache from one pass to the next: three quarters of the
+#: largest cache, at most 32 MiB (see the Numerics page).
+KRYLOV_GROUP_BYTES = min(32 * 2 ** 20, CACHE_BYTES * 3 // 4)
+
+#: Chains larger than half the cache cannot stay in it between passes; Krylov then runs them
+#: in groups of at most this many bytes, for fewer, larger batched operations.
+KRYLOV_BATCH_BYTES = 2 ** 30
 
 #: The head weightings of :func:`head_mean` (one vocabulary across package, chapters and book).
 HEAD_WEIGHTINGS = ("uniform", "lambda2")
@@ -126,7 +134,7 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
 
 
 def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: float = 1e-5,
-            krylov_dim: int = 40, max_restarts: int = 50, atol: float = 1e-4,
+            krylov_dim: int = 64, max_restarts: int = 50, atol: float = 1e-4,
             return_info: bool = False) -> torch.Tensor:
     r"""Second-largest eigenvalue magnitude :math:`|\lambda_2|` of row-stochastic matrices.
 
@@ -137,32 +145,36 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         to be row-stochastic and not checked (``"dense"`` forms its matrix).
     method : {"auto", "dense", "krylov"}
         ``"dense"``: all eigenvalues by ``torch.linalg.eigvals`` (exact up to rounding,
-        :math:`O(N^3)`). ``"krylov"``: batched block Krylov iteration on the zero-mean
-        vectors (Notes), :math:`O(p N^2)` for ``p`` passes over ``A``. ``"auto"``: dense for
-        ``N <= AUTO_DENSE_MAX_N`` (256), Krylov above, falling back to dense if Krylov does not
-        converge (spectra with many eigenvalues of nearly the same magnitude, unusual for
-        attention).
+        :math:`O(N^3)`). ``"krylov"``: a Krylov-Schur iteration on the zero-mean vectors
+        (Notes), :math:`O(p N^2)` for ``p`` passes over ``A``, certified or an error.
+        ``"auto"``: dense for ``N <= AUTO_DENSE_MAX_N`` (256); above, Krylov, and the dense
+        eigensolver for just the matrices Krylov cannot certify (spectra whose eigenvalues
+        all crowd one circle, such as shift-like positional heads).
     dtype : torch.dtype, optional
         ``torch.float32`` (default) or ``torch.float64``; for an operator ``None`` or its dtype.
     tol : float
-        Krylov: a matrix is done when its dominant Ritz pair :math:`(\theta, z)` has residual
-        :math:`\|P A z - \theta z\|_2 \le` ``tol`` (unit ``z``); the eigenvalue error is then
-        at most :math:`\kappa(\lambda_2)\,` ``tol`` to first order (Notes).
+        Krylov: the residual bound of the certificate (Notes); the error of
+        :math:`|\lambda_2|` is then at most :math:`\kappa\,` ``tol`` to first order, with
+        :math:`\kappa` the condition number of the eigenvalue (1 for normal matrices; 1 to 10
+        on the heads of :mod:`attnchain.testing.spectra`). In float32, residuals below about
+        ``1e-6`` are at the level of rounding.
     krylov_dim : int
         Krylov: largest basis size; above it the basis is cut back to the Schur vectors of its
-        ``krylov_dim // 2`` leading Ritz values (a thick restart).
+        ``krylov_dim // 2`` leading Ritz values (a thick restart). The default keeps the
+        projected matrices below the size (75) at which LAPACK's eigensolver switches to its
+        slower multishift path.
     max_restarts : int
-        Krylov: restarts before :class:`~attnchain.errors.ConvergenceError` is raised. Heads
-        whose top eigenvalues stand in a random-matrix bulk (noisy heads) converge linearly and
-        may need 100 to 150 passes, about 20 restarts at ``krylov_dim = 40``; the default
-        leaves room for them.
+        Krylov: restarts before a matrix counts as not certified. Most matrices that cannot
+        be certified are given up earlier, when their residual stops falling (Notes).
     atol : float
         Row-sum tolerance of the input check.
     return_info : bool
-        Also return ``{"passes": ..., "products": ...}``: ``products`` counts products of
-        single matrices with a block of vectors (each reads that matrix once), ``passes =
-        products / (number of matrices)`` (2 decimals) is the data read in units of the whole
-        of ``A``, besides the input check's pass for the minimum (0 for dense).
+        Also return ``{"passes": ..., "products": ..., "dense": ...}``: ``products`` counts
+        products of single matrices with a block of vectors (each reads that matrix once),
+        ``passes = products / (number of matrices)`` (2 decimals) is the data read in units
+        of the whole of ``A``, besides the input check's pass for the minimum (0 for dense);
+        ``dense`` is the number of matrices solved by the dense eigensolver (all of them for
+        ``"dense"``; for ``"auto"`` above 256 tokens, those Krylov could not certify).
 
     Returns
     -------
@@ -175,10 +187,11 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     Raises
     ------
     ConvergenceError
-        ``method="krylov"`` and the residual rule is not met after ``max_restarts`` restarts;
-        it carries ``passes`` and the last ``residual``.
+        ``method="krylov"`` and some matrix could not be certified; it names the first one
+        and carries ``passes`` and the largest final ``residual``.
     ValueError
-        Invalid ``A`` (see :func:`attnchain.check_stochastic`), ``method`` or ``dtype``.
+        Invalid ``A`` (see :func:`attnchain.check_stochastic`), ``method``, ``dtype``,
+        ``tol``, ``krylov_dim`` or ``max_restarts``.
 
     Notes
     -----
@@ -186,25 +199,44 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     a vector), :math:`AP = A - \mathbf 1 \mathbf 1^\top / N` has the spectrum of ``A`` with
     :math:`\lambda_1 = 1` replaced by 0 (Brauer's theorem, because :math:`A\mathbf 1 =
     \mathbf 1`), and :math:`PAP = P(AP)` has the same nonzero eigenvalues as :math:`(AP)P =
-    AP`. On the zero-mean vectors :math:`PAP` acts as :math:`x \mapsto P A x`, so
-    :math:`|\lambda_2|` is the largest eigenvalue magnitude of that map: no deflation of
+    AP`. On the zero-mean vectors :math:`PAP` acts as :math:`M: x \mapsto P A x`, so
+    :math:`|\lambda_2|` is the largest eigenvalue magnitude of :math:`M`: no deflation of
     :math:`\lambda_1` is needed, only the mean removed after every product.
 
-    **The iteration.** Block Krylov with Rayleigh-Ritz [2]_ (Ch. 6): the basis grows by
-    ``KRYLOV_BLOCK`` orthonormal zero-mean vectors per pass, made from the newest products,
-    and the dominant Ritz value of the projected matrix is the estimate. Past ``krylov_dim``
-    the basis is cut back to the Schur vectors of its leading Ritz values, an invariant
-    subspace, so the iteration continues as if uninterrupted (Krylov-Schur [3]_).
+    **The iteration.** Krylov-Schur [3]_ with Rayleigh-Ritz [2]_ (Ch. 6): one new
+    orthonormal direction per pass (one matrix-vector product, the cheapest product of a
+    BLAS), a decomposition :math:`M K^\top = K^\top T + Q^\top F` kept in coefficients, and
+    past ``krylov_dim`` a restart to the Schur vectors of the leading Ritz values, an
+    invariant subspace, so the iteration continues as if uninterrupted.
 
-    **Stopping rule.** For the dominant Ritz pair :math:`(\theta, z)`, :math:`\|z\|_2 = 1`,
-    with residual :math:`r = P A z - \theta z`, :math:`\theta` is an exact eigenvalue of
-    :math:`PAP - r z^{\mathsf H}`, a perturbation of norm :math:`\|r\|_2`. Hence
-    :math:`|\theta - \lambda_2| \le \kappa(\lambda_2)\|r\|_2 + O(\|r\|_2^2)`, with
-    :math:`\kappa` the condition number of the eigenvalue ([2]_, Ch. 3). The default
-    ``tol = 1e-5`` thus gives :math:`|\lambda_2|` to ``1e-4`` for :math:`\kappa \le 10`. Each
-    matrix stops on its own. Results do not depend on how the batch is split for the
-    computation (every matrix starts from the same vectors, drawn from a fixed seed), and
-    ``A`` and ``DenseChain(A)`` give identical results.
+    **The certificate** bounds the magnitude, not one eigenvector. A matrix is done when
+    some Ritz value :math:`\theta` with :math:`|\theta| \ge |\theta_{\max}| - \mathrm{tol}`
+    (:math:`\theta_{\max}` the Ritz value of largest magnitude) has a unit Ritz vector
+    :math:`z` with residual :math:`r = Mz - \theta z`, :math:`\|r\|_2 \le` ``tol``, and the
+    basis holds at least ``MIN_DIM`` (12) directions; :math:`|\theta|` is returned. Then
+    (i) :math:`\theta` is an exact eigenvalue of :math:`M - r z^{\mathsf H}`, a perturbation
+    of norm :math:`\|r\|_2`, so :math:`|\theta|` is within :math:`\kappa\,\mathrm{tol} +
+    O(\mathrm{tol}^2)` of the magnitude of an eigenvalue of ``A`` other than
+    :math:`\lambda_1` ([2]_, Ch. 3); (ii) no Ritz value of the final Krylov space exceeds
+    :math:`|\theta|` by more than ``tol``. Any member of a cluster of nearly equal magnitudes
+    (a complex pair, :math:`\lambda_2 \approx -\lambda_3`, a random-matrix bulk edge) can
+    certify the cluster's magnitude, however ill-determined the individual eigenvectors.
+    (ii) is the Krylov part of the statement, the one every Krylov method (ARPACK's included)
+    rests on: an eigenvalue whose eigenvector has no component in the Krylov space of the
+    random start is not seen; ``MIN_DIM`` guards against the one case met in practice, a
+    near-degenerate pair of which one member converges before the other appears.
+
+    **What cannot be certified.** A matrix whose residual stops halving for
+    ``STALL_PASSES`` (60) passes, or would need more than ``PASS_BUDGET`` (400) passes at
+    the rate it has fallen so far, is given up (not certified), as is one still iterating
+    after ``max_restarts``. This is the case when many eigenvalues crowd the circle of
+    :math:`|\lambda_2|`: a polynomial of low degree cannot be large at one point of a circle
+    and small on the rest (maximum modulus principle), so no Krylov method separates
+    :math:`|\lambda_2|` there in few passes. ``"krylov"`` raises, ``"auto"`` solves just
+    those matrices densely. Results do not depend on how the batch is split for the
+    computation (every matrix starts from the same vector, drawn from a fixed seed), and
+    ``A`` and ``DenseChain(A)`` give identical results. The book's Numerics page has the
+    details and the measurements.
 
     Examples
     --------
@@ -213,13 +245,16 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     >>> lambda2(A)                                 # the eigenvalues are 1 and 0.7
     tensor(0.7000, dtype=torch.float64)
     >>> cyc = torch.roll(torch.eye(300), 1, 1)     # periodic: every |λ| is 1
-    >>> lambda2(cyc)                               # Krylov cannot separate them: dense fallback
+    >>> lambda2(cyc, return_info=True)[1]["dense"]  # Krylov cannot certify it: dense
+    1
+    >>> lambda2(cyc)
     tensor(1.)
 
     See Also
     --------
     eigenvalues : the whole spectrum, dense.
     head_weights : heads weighted by :math:`|\lambda_2|`.
+    attnchain.testing.spectra : heads with hard spectra, and the float64 reference.
 
     References
     ----------
@@ -246,7 +281,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
             and N > 2 and A.dtype in (torch.float32, torch.float64)
         op = DenseChain(A, dtype, atol, check=not late_check)
     batch = op.batch_shape
-    no_passes = {"passes": 0, "products": 0}
+    no_passes = {"passes": 0, "products": 0, "dense": 0}
     if N == 1:
         out = torch.zeros(batch, dtype=op.dtype, device=op.device)
         return (out, no_passes) if return_info else out
@@ -258,7 +293,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         ev = dense.eigvals(D).abs()
         out = torch.topk(ev, 2, dim=-1).values[..., 1].to(D.dtype)
         out = out.clamp(0, 1)
-        return (out, no_passes) if return_info else out
+        return (out, dict(no_passes, dense=out.numel())) if return_info else out
     if N == 2:  # the zero-sum subspace is one-dimensional: λ2 = A00 + A11 - 1 = trace - 1
         D = op.dense()
         out = (D[..., 0, 0] + D[..., 1, 1] - 1).abs()
@@ -267,18 +302,33 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         raise ValueError("lambda2(method='krylov') has no gradient: use method='dense' "
                          "(differentiable through torch.linalg.eigvals) or pass A.detach()")
     flat = op.reshape(-1)
-    try:
-        theta, products = block_krylov.lambda2(
-            flat, krylov_dim, tol, max_restarts, KRYLOV_GROUP_BYTES,
-            late_row_check(flat.A, atol, op.A) if late_check else None)
-    except ConvergenceError:
-        if not auto:
-            raise
-        if late_check:  # later groups were not checked yet
-            check_rows(op.A, atol)
-        return lambda2(op, method="dense", return_info=return_info)
+    group = KRYLOV_BATCH_BYTES if (flat.member_bytes or 0) > CACHE_BYTES // 2 else \
+        KRYLOV_GROUP_BYTES
+    r = block_krylov.lambda2(flat, krylov_dim, tol, max_restarts, group,
+                             late_row_check(flat.A, atol, op.A) if late_check else None)
+    theta = r.value.to(op.dtype)
+    bad = ~r.converged
+    n_bad = int(bad.sum())
+    if n_bad and not auto:
+        first = int(bad.nonzero()[0, 0])
+        idx = tuple(torch.unravel_index(torch.tensor(first), tuple(batch))) if batch else ()
+        raise ConvergenceError(
+            f"lambda2(method='krylov') did not converge for {n_bad} of {bad.numel()} "
+            f"matrices (first at batch index {tuple(int(i) for i in idx)}): the Ritz residual "
+            f"{r.residual[first].item():.3g} of the largest Ritz magnitudes stayed above "
+            f"tol = {tol:g} (it stopped halving for {block_krylov.STALL_PASSES} passes, fell too "
+            f"slowly to meet tol within {block_krylov.PASS_BUDGET} passes, or {max_restarts} "
+            f"restarts of {krylov_dim}-dimensional Krylov spaces ran out); their spectra have many eigenvalues of nearly the largest magnitude, which "
+            "no Krylov method separates in few passes; use method='dense' (method='auto' "
+            "solves just these matrices densely)",
+            passes=round(r.products / max(bad.numel(), 1), 2),
+            residual=r.residual[bad].max().item())
+    if n_bad:  # auto: the dense eigensolver for the matrices Krylov could not certify
+        D = flat[bad.nonzero()[:, 0]].dense()
+        theta[bad] = torch.topk(dense.eigvals(D).abs(), 2, dim=-1).values[..., 1].to(theta.dtype)
     out = theta.reshape(batch).clamp(0, 1)
-    info = {"passes": round(products / max(flat.batch_shape[0], 1), 2), "products": products}
+    info = {"passes": round(r.products / max(flat.batch_shape[0], 1), 2),
+            "products": r.products, "dense": n_bad}
     return (out, info) if return_info else out
 
 

@@ -1,24 +1,71 @@
-"""|λ2| by thick-restarted block Krylov iteration with Rayleigh-Ritz on the zero-mean vectors.
+r"""|λ2| by Krylov-Schur iteration (thick restarts) with Rayleigh-Ritz on the zero-mean vectors.
 
-On the zero-mean vectors :math:`x \\mapsto P A x` (:math:`P` removes the mean) has the spectrum of
-``A`` with :math:`\\lambda_1 = 1` replaced by 0, so its dominant eigenvalue magnitude is
-:math:`|\\lambda_2|`. Products are taken through ``op.right`` in the row layout: the rows ``X``
-of a block give the rows :math:`(A x)^\\top` of ``op.right(X.mT).mT``.
+On the zero-mean vectors :math:`x \mapsto P A x` (:math:`P` removes the mean) has the spectrum of
+``A`` with :math:`\lambda_1 = 1` replaced by 0, so its dominant eigenvalue magnitude is
+:math:`|\lambda_2|`. Products are taken through ``op.right`` in the row layout: the rows ``X``
+of a block give the rows :math:`(A x)^\top` of ``op.right(X.mT).mT``.
+
+The solver certifies the *magnitude* :math:`|\lambda_2|`, not one eigenvector: a chain is done
+when some Ritz value whose magnitude is within ``tol`` of the largest Ritz magnitude has a Ritz
+residual of at most ``tol`` (:func:`certify`). It reports, per chain, whether that happened;
+chains whose residual stops improving (:data:`STALL_PASSES`) or that run out of restarts are
+reported as not converged, never with a value that was not certified. The callers decide what
+to do with them. The book's Numerics page explains the method and its limits.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 from scipy.linalg import schur
 
-from ..errors import ConvergenceError
 from ..operators import ChainOperator
 from . import cache_groups, dense
 
 #: Block size of the Krylov iteration: the basis grows by this many directions per pass.
-KRYLOV_BLOCK = 3
+KRYLOV_BLOCK = 1
+
+#: A chain whose best Ritz residual (among the Ritz values of nearly the largest magnitude) has
+#: not halved in this many passes has stalled: it is reported as not converged. Chains that
+#: converge halve it every 5 to 30 passes (noisy heads); heads whose eigenvalues all crowd one
+#: circle do not in hundreds of passes.
+STALL_PASSES = 60
+
+#: A chain whose residual, at the rate it has fallen so far (from its first check to its best
+#: value), would need more than this many passes in all to meet ``tol`` is given up after
+#: :data:`MIN_PASSES_BEFORE_GIVING_UP` passes: about where the dense eigensolver costs less
+#: than the passes (N = 512 to 4,096 on CPU).
+PASS_BUDGET = 400
+
+#: See :data:`PASS_BUDGET`.
+MIN_PASSES_BEFORE_GIVING_UP = 40
+
+#: No value is accepted before the basis holds this many directions (unless it spans the
+#: whole space). A guard for clusters: with one new direction per pass, the Krylov space of a
+#: random start shows a cluster of c nearly equal eigenvalues as c Ritz values only a few
+#: passes after the first one has converged (a near-degenerate head of the family certified
+#: :math:`\lambda_3` at dimension 6, two passes before :math:`\lambda_2` appeared, 8e-5
+#: above it). The first Ritz check is made at this dimension.
+MIN_DIM = 12
+
+#: Largest number of passes between two Ritz checks; between checks the solver predicts, from
+#: the last two residuals, when the residual will meet ``tol`` (see :func:`next_check`).
+MAX_CHECK_GAP = 6
+
+
+class Lambda2Result(NamedTuple):
+    """Per chain of a flat batch (B,): the certified :math:`|\\lambda_2|` (``value``; for a chain
+    that did not converge, the largest Ritz magnitude, which is not certified), whether it was
+    certified (``converged``), the Ritz residual of the certified value or of the best candidate
+    (``residual``), and the passes over that chain (``passes``, products of the chain with a
+    block, the row-sum product included). ``products`` is their sum."""
+
+    value: torch.Tensor
+    converged: torch.Tensor
+    residual: torch.Tensor
+    passes: torch.Tensor
+    products: int
 
 
 def zero_mean_rows(b: int, N: int, seed: int, like: torch.Tensor):
@@ -27,69 +74,114 @@ def zero_mean_rows(b: int, N: int, seed: int, like: torch.Tensor):
     return (x - x.mean(-1, keepdim=True)).to(device=like.device, dtype=like.dtype)
 
 
+def project(W: torch.Tensor, K: torch.Tensor):
+    """Rows of ``W`` (B, b, N) minus their mean and their part in the span of the orthonormal
+    rows of ``K`` (B, m, N) (classical Gram-Schmidt, twice), and the coefficients ``H`` (B, b,
+    m) of that part, in float64: ``W = H K + R`` up to the mean."""
+    W = W - W.mean(-1, keepdim=True)
+    if not K.shape[-2]:
+        return W, torch.zeros(*W.shape[:-1], 0, dtype=torch.float64, device=W.device)
+    h = W @ K.mT
+    W = torch.baddbmm(W, h, K, alpha=-1)
+    h2 = W @ K.mT  # the second pass: the first one cancels most of W near convergence
+    W = torch.baddbmm(W, h2, K, alpha=-1)
+    return W, h.to(torch.float64) + h2.to(torch.float64)
+
+
 def orthogonalize(W: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """Rows of ``W`` minus their mean and their part in the span of the orthonormal rows of
     ``K`` (classical Gram-Schmidt, twice)."""
-    for _ in range(2):
-        W = W - W.mean(-1, keepdim=True)
-        if K.shape[-2]:
-            W = W - (W @ K.mT) @ K
-    return W
+    return project(W, K)[0]
 
 
-def extend_basis(W: torch.Tensor, K: torch.Tensor, room: int):
-    """Orthonormal zero-mean rows, orthogonal to ``K`` (B, m, N), spanning the new part of the
-    first ``room`` rows of ``W`` (B, b, N); returns them with all rows of ``W`` made
-    orthogonal to ``K``. A row with nothing new (zero up to rounding) is replaced by a random
-    direction: Rayleigh-Ritz needs an orthonormal basis, not the Krylov recurrence, so any
-    new direction is valid. The random rows depend only on the position in the basis, so
-    results do not depend on how matrices are batched."""
-    scale = W.norm(dim=-1)
-    W = orthogonalize(W, K)
-    V, scale = W[:, :room], scale[:, :room]
+def new_directions(R: torch.Tensor, K: torch.Tensor, room: int, scale: torch.Tensor):
+    """Orthonormal zero-mean rows ``Q`` (B, q, N), ``q = min(b, room)``, orthogonal to ``K``
+    (B, m, N), spanning the rows of ``R`` (B, b, N) (already orthogonal to ``K``), and the
+    coefficients ``F = R Q^T`` (B, b, q) in float64. A row with nothing new (below rounding
+    relative to ``scale``, the norms of the rows before projection) is replaced by a random
+    direction: Rayleigh-Ritz needs an orthonormal basis, not the Krylov recurrence, so any new
+    direction is valid. The random rows depend only on the position in the basis, so results
+    do not depend on how matrices are batched."""
+    V, sc = R[:, :room], scale[:, :room]
     if not V.shape[-2]:
-        return V, W
+        return V, torch.zeros(*R.shape[:-1], 0, dtype=torch.float64, device=R.device)
     norm = V.norm(dim=-1)
-    lost = norm <= 64 * torch.finfo(V.dtype).eps * scale
+    lost = norm <= 64 * torch.finfo(V.dtype).eps * sc
     if bool(lost.any()):
         fresh = zero_mean_rows(V.shape[1], V.shape[2], 7919 * (K.shape[-2] + 1), V)
         V = torch.where(lost.unsqueeze(-1), orthogonalize(fresh, K), V)
         norm = V.norm(dim=-1)
-    Q, R = torch.linalg.qr(V.mT)
-    if bool((R.diagonal(dim1=-2, dim2=-1).abs() < 1e-2 * norm).any()):
-        # rows nearly dependent on each other: their QR directions lean on rounding errors,
-        # which may have parts along K; project once more
-        Q = torch.linalg.qr(orthogonalize(Q.mT, K).mT).Q
-    return Q.mT, W
+    elif V.shape[-2] == 1 and R.shape[-2] == 1:  # one row: Q = R / |R|, F = |R|
+        return V / norm.unsqueeze(-1), norm.to(torch.float64).unsqueeze(-1)
+    if V.shape[-2] == 1:
+        Q = V / norm.unsqueeze(-1)
+    else:
+        Q, Rq = torch.linalg.qr(V.mT)
+        Q = Q.mT
+        if bool((Rq.diagonal(dim1=-2, dim2=-1).abs() < 1e-2 * norm).any()):
+            # rows nearly dependent on each other: their QR directions lean on rounding
+            # errors, which may have parts along K; project once more
+            Q = torch.linalg.qr(orthogonalize(Q, K).mT).Q.mT
+    return Q, (R @ Q.mT).to(torch.float64)
 
 
-def ritz(T: torch.Tensor, C: torch.Tensor):
-    r"""Dominant Ritz pair of ``P A`` on the span of orthonormal rows :math:`K` (B, m, N),
-    given ``T = K (P A K)^T`` (B, m, m) in float64 and the coefficients ``C`` (B, p, b) of
-    the newest ``p`` products :math:`P A k_i` (of the last ``p`` rows of :math:`K`) along the
-    next block :math:`Q` (B, b, N), after their parts in the span of :math:`K` are removed.
+def extend_basis(W: torch.Tensor, K: torch.Tensor, room: int):
+    """The next block for the products ``W`` (B, b, N) and the basis ``K`` (B, m, N): the
+    orthonormal rows of :func:`new_directions` for the first ``room`` rows of ``W`` made
+    orthogonal to ``K``, and all rows of ``W`` made orthogonal to ``K``."""
+    R = orthogonalize(W, K)
+    return new_directions(R, K, room, W.norm(dim=-1))[0], R
 
-    Every other product lies in the span of :math:`K` (the basis is built from the products),
-    so for a Ritz pair :math:`T y = \theta y`, :math:`z = K^T y`, the residual is
-    :math:`P A z - \theta z = Q^T C^T y_{\text{new}}` and its norm
-    :math:`\|C^T y_{\text{new}}\|_2`: no operation on length-N vectors is needed.
 
-    Returns all Ritz values (B, m), the dominant one (B,) and its residual norm for a unit
-    :math:`z` (B,) (inf where its coefficients could not be computed). The coefficients
-    :math:`y` come from one step of inverse iteration with :math:`\theta` as the shift,
-    which costs less than a full eigendecomposition of ``T``.
+#: Largest number of Ritz values per chain (by magnitude, one of each conjugate pair) whose
+#: residuals :func:`ritz_check` computes.
+CANDIDATES = 2
+
+
+def ritz_check(T: torch.Tensor, F: torch.Tensor, tol: float,
+               ev: Optional[torch.Tensor] = None):
+    r"""The magnitude rule on the Ritz values of ``P A`` on the span of orthonormal rows
+    :math:`K` (B, m, N), given the Krylov-Schur coefficients ``T`` (B, m, m) and ``F`` (B, q,
+    m) of :func:`lambda2_group` (float64): :math:`P A k_j = \sum_i T_{ij} k_i + \sum_l F_{lj}
+    q_l` with :math:`Q` orthonormal and orthogonal to :math:`K`.
+
+    **Residuals without length-N work.** For any unit coefficient vector :math:`y` and number
+    :math:`\theta`, the vector :math:`z = K^\top y` has :math:`P A z - \theta z = K^\top (T y
+    - \theta y) + Q^\top F y`, two orthogonal parts, so :math:`\|P A z - \theta z\|_2^2 =
+    \|T y - \theta y\|_2^2 + \|F y\|_2^2` exactly. The vectors :math:`y` come from one step of
+    inverse iteration with the Ritz value as the shift (cheaper than the eigenvectors of
+    ``T``); the first term accounts for their inexactness.
+
+    **The rule.** The candidates are the Ritz values :math:`\theta` with :math:`|\theta| \ge
+    |\theta_{\max}| - \mathrm{tol}` (up to :data:`CANDIDATES`, one of each conjugate pair);
+    a chain is done when a candidate's residual is at most ``tol``.
+
+    Returns the Ritz values (B, m), complex (``ev`` itself when given), ``done`` (B,), the
+    magnitude (B,) (the largest among the done candidates; the largest Ritz magnitude where
+    none is done) and the smallest candidate residual (B,) (inf where none could be computed).
     """
-    ev = dense.eigvals(T)
-    theta = ev.gather(-1, ev.abs().argmax(-1, keepdim=True))  # (B, 1)
+    if ev is None:
+        ev = dense.eigvals(T)
     m = T.shape[-1]
+    mags = ev.abs()
+    top = mags.amax(-1, keepdim=True)
+    near = (mags >= top - tol) & (ev.imag >= 0)
+    idx = torch.where(near, mags, -1.0).topk(min(CANDIDATES, m), dim=-1).indices
+    valid, th = near.gather(-1, idx), ev.gather(-1, idx)  # (B, nc)
+    Tc = T.to(ev.dtype).unsqueeze(1)
     eye = torch.eye(m, dtype=ev.dtype, device=T.device)
-    y, info = torch.linalg.solve_ex(T.to(ev.dtype) - (theta[..., None] * (1 + 2.0 ** -44)
-                                                      + 2.0 ** -60) * eye,
-                                    torch.ones(T.shape[0], m, 1, dtype=ev.dtype,
-                                               device=T.device))
+    shift = (th * (1 + 2.0 ** -44) + 2.0 ** -60)[..., None, None] * eye
+    rhs = torch.ones(*th.shape, m, 1, dtype=ev.dtype, device=T.device)
+    y, info = torch.linalg.solve_ex(Tc - shift, rhs)
     y = y / torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True)
-    resid = torch.linalg.vector_norm(C.mT.to(ev.dtype) @ y[:, m - C.shape[-2]:], dim=(-2, -1))
-    return ev, theta[:, 0], torch.where((info == 0) & resid.isfinite(), resid, torch.inf)
+    inside = torch.linalg.vector_norm(Tc @ y - th[..., None, None] * y, dim=(-2, -1))
+    out = torch.linalg.vector_norm(F.to(ev.dtype).unsqueeze(1) @ y, dim=(-2, -1))
+    res = torch.sqrt(inside ** 2 + out ** 2)
+    res = torch.where(valid & (info == 0) & res.isfinite(), res, torch.inf)
+    ok = res <= tol
+    done = ok.any(-1)
+    value = torch.where(done, torch.where(ok, th.abs(), -1.0).amax(-1), top[:, 0])
+    return ev, done, value, res.amin(-1)
 
 
 def leading_schur_rows(T: torch.Tensor, ev: torch.Tensor, keep: int) -> torch.Tensor:
@@ -114,88 +206,187 @@ def products(op: ChainOperator, X: torch.Tensor) -> torch.Tensor:
     return op.right(X.mT).mT
 
 
-def lambda2_group(op: ChainOperator, K: torch.Tensor, AK: torch.Tensor, W: torch.Tensor,
-                  max_dim: int, tol: float, max_restarts: int):
-    """|λ2| of each chain of the flat operator ``op`` (B chains).
+def next_check(step: int, prev_step: torch.Tensor, prev_res: torch.Tensor,
+               res: torch.Tensor, tol: float) -> torch.Tensor:
+    """Per chain, the pass at which to check it next: ``step + 1`` unless its smallest
+    candidate residual ``res`` and that of its previous check (``prev_step``, ``prev_res``)
+    predict, at their geometric rate, that it meets ``tol`` later; then after 60% of the
+    predicted passes, at most :data:`MAX_CHECK_GAP`. A check costs the eigenvalues of the
+    projected matrix, at ``krylov_dim = 80`` a sizeable part of a pass at N = 1,024."""
+    span = (step - prev_step).clamp(min=1).to(res.dtype)
+    rate = torch.log(res / prev_res) / span  # < 0 where the residual falls
+    need = torch.where(rate < 0, torch.log(tol / res) / rate, torch.full_like(res, 4.0))
+    need = torch.where(res.isfinite() & prev_res.isfinite() & (prev_step < step), need,
+                       torch.ones_like(need))
+    gap = (0.6 * need.nan_to_num(1.0)).floor().clamp(1, MAX_CHECK_GAP)
+    return step + gap.long()
 
-    Starts from orthonormal zero-mean rows ``K`` (B, m, N), their products ``AK`` (rows
-    :math:`(P A k)^T`) and the rows ``W`` (B, b, N) the next block is made from: the
-    products ``AK`` first, then any extra start rows. Returns ``(|λ2| (B,), products)``:
-    ``products`` counts products of single chains with a block of vectors (each reads the
-    chain once). A chain whose dominant Ritz pair meets the residual rule is frozen: its
-    Ritz value is final and it is not read again.
+
+def lambda2_group(op: ChainOperator, K: torch.Tensor, W: torch.Tensor, spare: torch.Tensor,
+                  max_dim: int, tol: float, max_restarts: int) -> Lambda2Result:
+    r""":math:`|\lambda_2|` of each chain of the flat operator ``op`` (B chains), as a
+    :class:`Lambda2Result` (``passes`` without the first product, which the caller counts).
+
+    Starts from orthonormal zero-mean rows ``K`` (B, k, N) and their products ``W`` (B, k, N)
+    (rows :math:`(P A k)^\top`); ``spare`` (1 or B, s, N) are random rows that complete the
+    first block to ``k + s`` rows. The state is a Krylov-Schur decomposition (Stewart 2001)
+    in the row layout: orthonormal zero-mean rows :math:`K` (B, m, N), the next block
+    :math:`Q` (B, q, N) orthonormal and orthogonal to :math:`K`, and float64 coefficients
+    ``T`` (B, m, m), ``F`` (B, q, m) with
+
+    .. math:: P A k_j = \sum_i T_{ij} k_i + \sum_l F_{lj} q_l,
+
+    so the products themselves are never stored. A pass multiplies :math:`Q`, projects the
+    products on :math:`[K; Q]` (the coefficients are the new columns of ``T``), and makes the
+    next block from what is left. Each chain is checked by :func:`ritz_check` on its own
+    schedule (:func:`next_check`, and at every restart). A chain that is done is frozen: its
+    value is final and it is not read again; so is one that stalls (:data:`STALL_PASSES`), as
+    not converged; at ``max_restarts`` every chain still live is not converged.
     """
     B, N = op.batch_shape[0], op.n
-    max_dim = max(2 * W.shape[-2], min(max_dim, N - 1))  # zero-mean vectors: N - 1 dimensions
+    dev, dt = K.device, K.dtype
+    full = N - 1  # zero-mean vectors: N - 1 dimensions
+    k0 = K.shape[-2]
+    b = k0 + spare.shape[-2]
+    # where a little more than one basis holds the whole space, grow it to the whole space:
+    # no restart, and the exact spectrum once it is spanned
+    max_dim = full if full <= max_dim + 2 * b else max(2 * b, max_dim)
     keep = max_dim // 2
-    live = list(range(B))  # K, AK and W hold the rows of these chains only
-    theta_out = K.new_zeros(B)
-    new = AK.shape[-2]  # the newest products: the first rows of W, of the last rows of K
-    n_products = restarts = 0
+    f64 = dict(dtype=torch.float64, device=dev)
+    value, resid = torch.zeros(B, **f64), torch.full((B,), torch.inf, **f64)
+    converged = torch.zeros(B, dtype=torch.bool, device=dev)
+    passes = torch.zeros(B, dtype=torch.long, device=dev)  # set when a chain stops
+    # per chain: best residual so far (halving steps only) and when; the previous check;
+    # the next check
+    mark_res, mark_step = torch.full((B,), torch.inf, **f64), torch.zeros_like(passes)
+    first_res, best_res = torch.full((B,), torch.inf, **f64), torch.full((B,), torch.inf, **f64)
+    prev_res, prev_step = torch.full((B,), torch.inf, **f64), torch.full_like(passes, -1)
+    first = max(0, -(-(min(MIN_DIM, full) - k0) // b))  # the pass at which m >= MIN_DIM
+    check_at = torch.full_like(passes, first)
+    live = torch.arange(B, device=dev)  # the state holds the rows of these chains only
+    # the first block: what the products of K leave outside K, and the spare rows
+    R, H = project(W, K)
+    S = orthogonalize(spare.expand(B, -1, N), K)
+    Q, Fall = new_directions(torch.cat([R, S], -2), K, full - k0,
+                             torch.cat([W.norm(dim=-1), spare.norm(dim=-1).expand(B, -1)], -1))
+    T, F = H.mT, Fall[:, :k0].mT
+    basis = torch.empty(B, max_dim + b + 1, N, dtype=dt, device=dev)  # K, then room for Q
+    basis[:, :k0] = K
+    m = k0
+    n_products = restarts = step = 0
+    next_due = first
     while True:
-        m = K.shape[-2]
-        nxt, Wp = extend_basis(W, K, N - 1 - m)  # the next block, orthogonal to K
-        T = (K @ AK.mT).to(torch.float64)
-        ev, theta, resid = ritz(T, Wp[:, :new] @ nxt.mT)
-        if m >= N - 1:  # the basis spans every zero-mean direction: T has the exact spectrum
-            theta_out[live] = ev.abs().amax(-1).to(theta_out.dtype)
-            return theta_out, n_products
-        done = resid <= tol
-        if bool(done.any()):
-            for j in done.nonzero()[:, 0].tolist():
-                theta_out[live[j]] = theta[j].abs()
-            go = ~done
-            live = [i for i, g in zip(live, go.tolist()) if g]
-            if not live:
-                return theta_out, n_products
-            K, AK, nxt, T, ev, resid = K[go], AK[go], nxt[go], T[go], ev[go], resid[go]
-        if m + nxt.shape[-2] > max_dim:  # thick restart: keep the leading Ritz vectors
-            if restarts == max_restarts:
-                raise ConvergenceError(
-                    f"lambda2(method='krylov') did not converge after {max_restarts} restarts "
-                    f"of {max_dim}-dimensional block Krylov spaces (Ritz residual "
-                    f"{resid.max().item():.3g} > tol = {tol:g}); try method='dense'",
-                    passes=round(1 + n_products / B, 2), residual=resid.max().item())
+        q = Q.shape[-2]
+        exhausted = m >= full or not q
+        restart = m + q > max_dim
+        if exhausted:  # the basis spans every zero-mean direction: T has the spectrum
+            value[live] = dense.eigvals(T).abs().amax(-1)
+            resid[live], converged[live], passes[live] = 0.0, True, step
+            break
+        if restart or step >= next_due:
+            due = (check_at[live] <= step) | restart
+            d = due.nonzero()[:, 0]
+            ev, done, val, cres = ritz_check(T[d], F[d], tol)
+            done &= m >= min(MIN_DIM, full)
+            ids = live[d]
+            first_res[ids] = torch.where(first_res[ids].isfinite(), first_res[ids], cres)
+            best_res[ids] = torch.minimum(best_res[ids], cres)
+            better = cres < 0.5 * mark_res[ids]
+            mark_res[ids] = torch.where(better, cres, mark_res[ids])
+            mark_step[ids] = torch.where(better, step, mark_step[ids])
+            # at the rate so far (first check to best), the passes it would need in all
+            rate = torch.log(first_res[ids] / best_res[ids]) / max(step - first, 1)
+            need = step + torch.log(best_res[ids] / tol) / rate
+            stalled = ~done & ((step - mark_step[ids] > STALL_PASSES) |
+                               ((step >= MIN_PASSES_BEFORE_GIVING_UP) &
+                                ~(need <= PASS_BUDGET)))
+            out_of_restarts = ~done & restart & (restarts == max_restarts)
+            stop = done | stalled | out_of_restarts
+            value[ids[stop]], resid[ids[stop]], passes[ids[stop]] = val[stop], cres[stop], step
+            converged[ids[done]] = True
+            check_at[ids] = next_check(step, prev_step[ids], prev_res[ids], cres, tol)
+            prev_step[ids], prev_res[ids] = step, cres
+            if bool(stop.any()):
+                go = torch.ones(len(live), dtype=torch.bool, device=dev)
+                go[d[stop]] = False
+                live = live[go]
+                if not len(live):
+                    break
+                basis, Q, T, F = basis[go], Q[go], T[go], F[go]
+                ev = ev[~stop]  # restart checks every chain, so d covers all of them
+            next_due = int(check_at[live].min())
+        if restart:  # thick restart: keep the invariant subspace of the leading Ritz values
             restarts += 1
             ev = ev.gather(-1, torch.sort(ev.abs(), dim=-1, descending=True, stable=True).indices)
-            C = leading_schur_rows(T, ev, keep).to(K.dtype)  # K -> C K, P A K -> C (P A K)
-            K, AK = C @ K, C @ AK
+            C = leading_schur_rows(T, ev, keep)  # K -> C K, T -> C T C^T, F -> F C^T
+            k = C.shape[-2]
+            basis[:, :k] = C.to(dt) @ basis[:, :m]
+            T, F, m = C @ T @ C.mT, F @ C.mT, k
         if len(live) == B:  # one batched pass
-            W = products(op, nxt)
+            W = products(op, Q)
         else:  # read only the chains still iterating
-            W = torch.stack([products(op[i], x) for x, i in zip(nxt, live)])
+            W = torch.stack([products(op[i], x) for x, i in zip(Q, live.tolist())])
         n_products += len(live)
-        W = W - W.mean(-1, keepdim=True)
-        K, AK, new = torch.cat([K, nxt], -2), torch.cat([AK, W], -2), W.shape[-2]
+        step += 1
+        basis[:, m:m + q] = Q
+        Kn = basis[:, :m + q]
+        R, H = project(W, Kn)  # P A q_l = sum H_li k_i + R_l: the new columns of T
+        Q, Fq = new_directions(R, Kn, full - m - q, W.norm(dim=-1))
+        T = torch.cat([torch.cat([T, H[..., :m].mT], -1), torch.cat([F, H[..., m:].mT], -1)],
+                      -2)
+        F = torch.cat([F.new_zeros(len(live), Q.shape[-2], m), Fq.mT], -1)
+        m += q
+    return Lambda2Result(value, converged, resid, passes, n_products)
+
+
+def start_rows(b: int, N: int, seed: int, like: torch.Tensor,
+               start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The first rows of the basis (1 or B, k, N): ``max(1, b - 1)`` random zero-mean rows
+    from ``seed``, or, when given, the rows of ``start`` ((k, N) or (B, k, N), for instance
+    Ritz vectors of a related chain: a warm start), made zero-mean and orthonormal (a row with
+    nothing new is replaced by a random direction)."""
+    empty = like.new_zeros(1, 0, N)
+    if start is None:
+        X = zero_mean_rows(max(1, b - 1), N, seed, like)
+    else:
+        X = start.to(device=like.device, dtype=like.dtype)
+        X = X.reshape(1, *X.shape) if X.ndim == 2 else X
+        X = X[:, : N - 1]
+    R = orthogonalize(X, empty.expand(len(X), 0, N))
+    return new_directions(R, empty.expand(len(X), 0, N), X.shape[-2], X.norm(dim=-1))[0]
 
 
 def lambda2(op: ChainOperator, max_dim: int, tol: float, max_restarts: int, group_bytes: int,
-            check: Optional[Callable] = None, seed: int = 0):
-    """:func:`lambda2_group` over cache-sized groups of the flat operator ``op``; returns
-    (|λ2| (B,), products of single chains with a block of vectors).
+            check: Optional[Callable] = None, seed: int = 0,
+            start: Optional[torch.Tensor] = None) -> Lambda2Result:
+    """:func:`lambda2_group` over cache-sized groups of the flat operator ``op``.
 
-    The first product of a group multiplies all-ones besides its first ``KRYLOV_BLOCK - 1``
-    start vectors: it yields the row sums, handed to ``check(s, rows)`` (when given), so that
-    the input check costs only one more pass (the minimum) instead of two."""
+    The first product of a group multiplies all-ones besides the start rows
+    (:func:`start_rows`; ``start`` is an optional initial block (k, N) or (B, k, N)): it yields
+    the row sums, handed to ``check(s, rows)`` (when given), so that the input check costs only
+    one more pass (the minimum) instead of two. The first block is made from the products of
+    the start rows and, where they are fewer than ``KRYLOV_BLOCK``, random rows; the block
+    size is ``max(k, KRYLOV_BLOCK)``."""
     N = op.n
-    if op.batch_shape[0] == 0:
-        return torch.zeros(0, dtype=op.dtype, device=op.device), 0
-    b = min(KRYLOV_BLOCK, N - 1)
+    B = op.batch_shape[0]
     like = torch.empty(0, dtype=op.dtype, device=op.device)
-    start = extend_basis(zero_mean_rows(b, N, seed, like), like.reshape(1, 0, N), b)[0]
-    ones = torch.ones_like(start[:, :1])
-    thetas, n_products = [], 0
+    if B == 0:
+        z = torch.zeros(0, dtype=torch.float64, device=op.device)
+        return Lambda2Result(z, z.bool(), z, z.long(), 0)
+    b = min(KRYLOV_BLOCK, N - 1)
+    first = start_rows(b, N, seed, like, start)
+    spare = zero_mean_rows(max(b - first.shape[-2], 0), N, seed + 1, like)
+    ones = torch.ones_like(first[:1, :1])
+    parts = []
     for s in cache_groups(op, group_bytes):
         og = op[s]
         G = og.batch_shape[0]
-        K = start[:, : max(1, b - 1)].expand(G, -1, N)
+        K = (first if first.shape[0] == 1 else first[s]).expand(G, -1, N)
         W = products(og, torch.cat([K, ones.expand(G, 1, N)], -2))
         if check is not None:
             check(s, rows=W[:, -1])
-        AK = W[:, :-1] - W[:, :-1].mean(-1, keepdim=True)
-        spare = start[:, K.shape[-2]:].expand(G, -1, N)  # completes the next block
-        th, n = lambda2_group(og, K, AK, torch.cat([AK, spare], -2), max_dim, tol,
-                              max_restarts)
-        thetas.append(th)
-        n_products += n + G
-    return torch.cat(thetas), n_products
+        r = lambda2_group(og, K, W[:, :-1], spare, max_dim, tol, max_restarts)
+        parts.append(r._replace(passes=r.passes + 1, products=r.products + G))
+    return Lambda2Result(*(torch.cat([getattr(p, f) for p in parts])
+                           for f in ("value", "converged", "residual", "passes")),
+                         sum(p.products for p in parts))
