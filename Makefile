@@ -54,14 +54,19 @@ sources:
 	rm -rf $(SRC)/book $(SRC)/notebooks
 	cp -r _config.yml _toc.yml book notebooks $(SRC)/
 
+# Tests, chapters and strict runs go two at a time (one per core), each with one intra-op thread:
+# two processes of two torch threads on two cores spin-wait on each other (measured on four test
+# files: 137 s with two threads each, 29 s with one).
+PAR := OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist worksteal
+
 unit: setup
-	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_book.py \
+	$(PAR) -q tests --ignore=tests/test_book.py \
 	  --ignore=tests/test_chapters_strict_cuda.py --doctest-modules attnchain
 
 # Every chapter in the full profile on a simulated Colab GPU (attnchain.testing.strict_cuda):
 # random-weight stand-ins of the paper's backbones, CUDA's device rules enforced on the CPU.
 strict: setup
-	$(PY) -m pytest -q -s --durations=0 tests/test_chapters_strict_cuda.py
+	$(PAR) -q -s --durations=0 tests/test_chapters_strict_cuda.py
 
 # The capture adapters at the lowest versions pyproject.toml admits for timm, transformers and
 # diffusers: a second environment that takes everything else from .venv. transformers 5.0 imports
@@ -79,7 +84,7 @@ minimums: setup
 	  tests/test_capture.py tests/test_capture_diffusers.py tests/test_strict_cuda.py
 
 chapters: setup sources
-	$(PY) -m pytest -q --durations=0 --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
+	$(PAR) -q --durations=0 --nbmake --nbmake-timeout=600 --overwrite $(SRC)/notebooks
 
 html: setup
 	$(VENV)/bin/jupyter-book build -W --keep-going $(SRC) --path-output .

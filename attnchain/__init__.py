@@ -36,6 +36,7 @@ from .spectral import (
     head_mean,
     head_weights,
     lambda2,
+    lambda2_sequence,
     metastable_states,
 )
 from .stationary import (closed_class_count, damped, stationary_dense, token_rank,
@@ -66,6 +67,7 @@ __all__ = [
     "head_weights",
     "interventions",
     "lambda2",
+    "lambda2_sequence",
     "metastable_states",
     "planted_chain",
     "remove_tokens",

@@ -30,9 +30,9 @@ from ._validate import (as_tensor, check_choice, check_fraction, check_int, chec
                         check_rows, check_square, late_row_check, prepare)
 from .errors import ConvergenceError
 from .operators import ChainOperator, DenseChain, as_operator
-from .stationary import token_rank
+from .stationary import _solve_sequence, token_rank
 
-__all__ = ["lambda2", "eigenvalues", "head_weights", "head_mean", "metastable_states",
+__all__ = ["lambda2", "lambda2_sequence", "eigenvalues", "head_weights", "head_mean", "metastable_states",
            "choose_bounces", "HEAD_WEIGHTINGS", "K_MAX", "LAMBDA2_METHODS", "AUTO_DENSE_MAX_N",
            "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES", "KRYLOV_BATCH_BYTES", "CACHE_BYTES"]
 
@@ -135,7 +135,7 @@ def eigenvalues(A, k: Optional[int] = None, dtype: Optional[torch.dtype] = None,
 
 def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: float = 1e-5,
             krylov_dim: int = 64, max_restarts: int = 50, atol: float = 1e-4,
-            return_info: bool = False) -> torch.Tensor:
+            return_info: bool = False, start: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Second-largest eigenvalue magnitude :math:`|\lambda_2|` of row-stochastic matrices.
 
     Parameters
@@ -174,7 +174,16 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         ``passes = products / (number of matrices)`` (2 decimals) is the data read in units
         of the whole of ``A``, besides the input check's pass for the minimum (0 for dense);
         ``dense`` is the number of matrices solved by the dense eigensolver (all of them for
-        ``"dense"``; for ``"auto"`` above 256 tokens, those Krylov could not certify).
+        ``"dense"``; for ``"auto"`` above 256 tokens, those Krylov could not certify). The
+        Krylov path adds ``vector`` (batch shape + ``(N,)``): per matrix a unit zero-mean
+        vector of the invariant subspace of its leading Ritz value (or complex pair), the
+        ``start`` for a nearby chain.
+    start : Tensor, optional
+        Krylov: the first vector of each matrix, shape batch shape + ``(N,)`` or ``(N,)`` for
+        all, instead of the fixed random vector; a warm start, for instance ``vector`` of the
+        previous denoising step or layer (:func:`lambda2_sequence`). Its mean is removed; a
+        zero vector falls back to the random one. The certificate is the same from any start,
+        so only the passes change. Ignored by the dense eigensolver.
 
     Returns
     -------
@@ -269,6 +278,8 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     check_positive(tol, "tol", finite=True)
     check_int(krylov_dim, "krylov_dim", low=2)
     check_int(max_restarts, "max_restarts", low=0)
+    if start is not None:
+        start = as_tensor(start, "start")
     if isinstance(A, ChainOperator):
         op, late_check = as_operator(A, dtype), False
         N = op.n
@@ -302,10 +313,16 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         raise ValueError("lambda2(method='krylov') has no gradient: use method='dense' "
                          "(differentiable through torch.linalg.eigvals) or pass A.detach()")
     flat = op.reshape(-1)
+    if start is not None:
+        if start.shape[-1] != N or start.shape[:-1] not in (batch, ()):
+            raise ValueError(f"start must have shape {tuple(batch) + (N,)} or ({N},), got "
+                             f"{tuple(start.shape)}")
+        start = start.reshape(-1, 1, N) if start.ndim > 1 else start.reshape(1, N)
     group = KRYLOV_BATCH_BYTES if (flat.member_bytes or 0) > CACHE_BYTES // 2 else \
         KRYLOV_GROUP_BYTES
     r = block_krylov.lambda2(flat, krylov_dim, tol, max_restarts, group,
-                             late_row_check(flat.A, atol, op.A) if late_check else None)
+                             late_row_check(flat.A, atol, op.A) if late_check else None,
+                             start=start)
     theta = r.value.to(op.dtype)
     bad = ~r.converged
     n_bad = int(bad.sum())
@@ -328,8 +345,61 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         theta[bad] = torch.topk(dense.eigvals(D).abs(), 2, dim=-1).values[..., 1].to(theta.dtype)
     out = theta.reshape(batch).clamp(0, 1)
     info = {"passes": round(r.products / max(flat.batch_shape[0], 1), 2),
-            "products": r.products, "dense": n_bad}
+            "products": r.products, "dense": n_bad, "vector": r.vector.reshape(*batch, N)}
     return (out, info) if return_info else out
+
+
+def lambda2_sequence(A, warm_start: bool = True, **kwargs):
+    r""":math:`|\lambda_2|` of a sequence of chains (the steps of a denoising trajectory, the
+    layers of a model), each Krylov solve started from the leading Ritz vector of the one
+    before.
+
+    Parameters
+    ----------
+    A : Tensor, shape (S, ..., N, N), or ChainOperator with batch shape (S, ...)
+        The chains; the first batch dimension is the sequence.
+    warm_start : bool
+        Start step ``t`` from ``vector`` of step ``t - 1`` (:func:`lambda2`'s ``start=``);
+        ``False`` starts every step from the fixed random vector: the baseline for the savings.
+    **kwargs
+        Passed to :func:`lambda2` (``method``, ``tol``, ...; not ``start`` or ``return_info``).
+
+    Returns
+    -------
+    lam : Tensor, shape (S, ...)
+        :math:`|\lambda_2|` of every step, each certified as by :func:`lambda2`.
+    passes : list of float
+        Passes over each step's chains (in units of that step's batch; 0 where the dense
+        eigensolver ran).
+
+    Notes
+    -----
+    A Krylov space started inside the leading invariant subspace of a nearby chain has most of
+    what it looks for in its first direction; the certificate does not depend on the start, so
+    warm and cold values agree within ``tol`` (times the eigenvalue's condition number).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> A = torch.softmax(3 * torch.randn(1, 400, 400, generator=g), -1)
+    >>> A = A + 0.002 * torch.arange(4.0)[:, None, None] * torch.softmax(
+    ...     torch.randn(1, 400, 400, generator=g), -1)               # a slow drift
+    >>> A = A / A.sum(-1, keepdim=True)
+    >>> lam, warm = lambda2_sequence(A, method="krylov")
+    >>> lam_cold, cold = lambda2_sequence(A, method="krylov", warm_start=False)
+    >>> bool((lam - lam_cold).abs().max() < 1e-4), sum(warm[1:]) < sum(cold[1:])
+    (True, True)
+
+    See Also
+    --------
+    lambda2 : one step; ``start=`` is the warm start.
+    attnchain.token_rank_sequence : the same for TokenRank.
+    """
+    def next_start(lam, info):
+        return info.get("vector")
+
+    return _solve_sequence(lambda2, A, warm_start, next_start, kwargs, "lambda2_sequence")
 
 
 def _head_axis(A: torch.Tensor, head_dim: int) -> int:

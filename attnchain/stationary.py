@@ -633,9 +633,18 @@ def token_rank_sequence(A, warm_start: bool = True, **kwargs):
     .. [1] Erel et al., "Attention (as Discrete-Time Markov) Chains", NeurIPS 2025
        :cite:`erel2025attention`.
     """
+    return _solve_sequence(token_rank, A, warm_start, lambda pi, info: pi, kwargs,
+                          "token_rank_sequence")
+
+
+def _solve_sequence(solve, A, warm_start: bool, next_start, kwargs: dict, name: str):
+    """Run ``solve(A[t], start=..., return_info=True, **kwargs)`` along the first batch
+    dimension of ``A`` (a tensor (S, ..., N, N) or an operator with batch shape (S, ...)),
+    step ``t`` starting from ``next_start(out, info)`` of step ``t - 1`` when ``warm_start``.
+    Returns the stacked outputs and the passes of each step."""
     for bad in ("start", "return_info"):
         if bad in kwargs:
-            raise ValueError(f"token_rank_sequence sets {bad}= itself")
+            raise ValueError(f"{name} sets {bad}= itself")
     if not isinstance(A, ChainOperator):
         A = as_tensor(A, "A")
         if A.ndim < 3:
@@ -643,11 +652,10 @@ def token_rank_sequence(A, warm_start: bool = True, **kwargs):
                              f"{tuple(A.shape)}")
     elif len(A.batch_shape) < 1:
         raise ValueError("the operator must have a sequence dimension (batch shape (S, ...))")
-    pis, passes, prev = [], [], None
+    outs, passes, prev = [], [], None
     for t in range(A.shape[0] if not isinstance(A, ChainOperator) else A.batch_shape[0]):
-        pi, info = token_rank(A[t], start=prev if warm_start else None, return_info=True,
-                              **kwargs)
-        pis.append(pi)
+        out, info = solve(A[t], start=prev if warm_start else None, return_info=True, **kwargs)
+        outs.append(out)
         passes.append(info["passes"])
-        prev = pi
-    return torch.stack(pis), passes
+        prev = next_start(out, info)
+    return torch.stack(outs), passes

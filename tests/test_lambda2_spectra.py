@@ -165,3 +165,42 @@ def test_dense_eigensolver_failure_is_handled():
     torch.testing.assert_close(ac.head_weights(torch.stack([A, A])),
                                torch.full((2,), 0.5, dtype=torch.float64))
     assert ac.choose_bounces(A).item() >= 1
+
+
+@pytest.mark.parametrize("kind, T", [("planted", 2.0), ("noisy", 2.0), ("noisy", 3.0)])
+def test_lambda2_sequence_warm_start_agrees_and_saves_passes(kind, T):
+    """A slowly changing sequence of chains (a head plus a growing share of another head of the
+    same kind): warm and cold values agree with float64 eigvals, and the warm start (the
+    previous step's leading Ritz vector) needs fewer passes after the first step (a chain that
+    certifies at the MIN_DIM floor of 12 passes, the cycle kind, has nothing to save)."""
+    A0, A1 = heads(kind, 2, 300, seed=3, temperature=T)
+    seq = torch.stack([(1 - e) * A0 + e * A1 for e in (0.0, 0.01, 0.02, 0.03)])
+    warm_lam, warm = ac.lambda2_sequence(seq, method="krylov")
+    cold_lam, cold = ac.lambda2_sequence(seq, method="krylov", warm_start=False)
+    ref = reference_lambda2(seq)
+    for lam in (warm_lam, cold_lam):
+        torch.testing.assert_close(lam.double(), ref, atol=1e-4, rtol=0)
+    assert warm[0] == cold[0]
+    assert sum(warm[1:]) < sum(cold[1:]), (warm, cold)
+
+
+def test_lambda2_start_shapes_batches_and_fallbacks():
+    A = heads("noisy", 3, 300, seed=4, temperature=2.0)
+    lam, info = ac.lambda2(A, method="krylov", return_info=True)
+    v = info["vector"]
+    assert v.shape == (3, 300)
+    torch.testing.assert_close(v.sum(-1), torch.zeros(3), atol=1e-4, rtol=0)  # zero mean
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(3), atol=1e-4, rtol=0)
+    # restarted from its own vector: the same value, in fewer passes; per chain as in a batch
+    again, info2 = ac.lambda2(A, method="krylov", return_info=True, start=v)
+    torch.testing.assert_close(again, lam, atol=1e-4, rtol=0)
+    assert info2["passes"] < info["passes"]
+    one = ac.lambda2(A[1], method="krylov", start=v[1])
+    assert torch.equal(one, again[1])
+    # a zero start is the random one; a start of the wrong shape is an error
+    zero = ac.lambda2(A, method="krylov", start=torch.zeros(300))
+    torch.testing.assert_close(zero, lam, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="start must have shape"):
+        ac.lambda2(A, method="krylov", start=torch.zeros(2, 300))
+    with pytest.raises(ValueError, match="sets start= itself"):
+        ac.lambda2_sequence(A[None], start=v)

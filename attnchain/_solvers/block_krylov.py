@@ -58,13 +58,16 @@ class Lambda2Result(NamedTuple):
     """Per chain of a flat batch (B,): the certified :math:`|\\lambda_2|` (``value``; for a chain
     that did not converge, the largest Ritz magnitude, which is not certified), whether it was
     certified (``converged``), the Ritz residual of the certified value or of the best candidate
-    (``residual``), and the passes over that chain (``passes``, products of the chain with a
-    block, the row-sum product included). ``products`` is their sum."""
+    (``residual``), the passes over that chain (``passes``, products of the chain with a
+    block, the row-sum product included) and a unit zero-mean vector (B, N) in the invariant
+    subspace of its leading Ritz value or pair when it stopped (``vector``: the warm start
+    for a nearby chain, :func:`leading_vector`). ``products`` is the sum of the passes."""
 
     value: torch.Tensor
     converged: torch.Tensor
     residual: torch.Tensor
     passes: torch.Tensor
+    vector: torch.Tensor
     products: int
 
 
@@ -201,6 +204,17 @@ def leading_schur_rows(T: torch.Tensor, ev: torch.Tensor, keep: int) -> torch.Te
     return torch.from_numpy(rows).to(T.device)
 
 
+def leading_vector(T: torch.Tensor, ev: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Unit rows (B, N) in the span of the rows of ``K`` (B, m, N): the sum of the leading
+    real Schur vectors of ``T`` (B, m, m), whose eigenvalues are ``ev`` (B, m), mapped by
+    ``K``; a vector of the invariant subspace of the leading Ritz value (both vectors of a
+    complex pair), with a component along each of its directions."""
+    ev = ev.gather(-1, torch.sort(ev.abs(), dim=-1, descending=True, stable=True).indices)
+    y = leading_schur_rows(T, ev, 1).sum(-2, keepdim=True).to(K.dtype)
+    v = (y @ K)[:, 0]
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+
+
 def products(op: ChainOperator, X: torch.Tensor) -> torch.Tensor:
     """Rows :math:`(A x)^\\top` for the rows ``x`` of ``X`` (B, b, N): one pass over ``op``."""
     return op.right(X.mT).mT
@@ -256,6 +270,7 @@ def lambda2_group(op: ChainOperator, K: torch.Tensor, W: torch.Tensor, spare: to
     value, resid = torch.zeros(B, **f64), torch.full((B,), torch.inf, **f64)
     converged = torch.zeros(B, dtype=torch.bool, device=dev)
     passes = torch.zeros(B, dtype=torch.long, device=dev)  # set when a chain stops
+    vector = torch.zeros(B, N, dtype=dt, device=dev)  # set when a chain stops
     # per chain: best residual so far (halving steps only) and when; the previous check;
     # the next check
     mark_res, mark_step = torch.full((B,), torch.inf, **f64), torch.zeros_like(passes)
@@ -280,7 +295,9 @@ def lambda2_group(op: ChainOperator, K: torch.Tensor, W: torch.Tensor, spare: to
         exhausted = m >= full or not q
         restart = m + q > max_dim
         if exhausted:  # the basis spans every zero-mean direction: T has the spectrum
-            value[live] = dense.eigvals(T).abs().amax(-1)
+            ev = dense.eigvals(T)
+            value[live] = ev.abs().amax(-1)
+            vector[live] = leading_vector(T, ev, basis[:, :m])
             resid[live], converged[live], passes[live] = 0.0, True, step
             break
         if restart or step >= next_due:
@@ -303,6 +320,9 @@ def lambda2_group(op: ChainOperator, K: torch.Tensor, W: torch.Tensor, spare: to
             out_of_restarts = ~done & restart & (restarts == max_restarts)
             stop = done | stalled | out_of_restarts
             value[ids[stop]], resid[ids[stop]], passes[ids[stop]] = val[stop], cres[stop], step
+            if bool(stop.any()):
+                ds = d[stop]
+                vector[ids[stop]] = leading_vector(T[ds], ev[stop], basis[ds, :m])
             converged[ids[done]] = True
             check_at[ids] = next_check(step, prev_step[ids], prev_res[ids], cres, tol)
             prev_step[ids], prev_res[ids] = step, cres
@@ -336,7 +356,7 @@ def lambda2_group(op: ChainOperator, K: torch.Tensor, W: torch.Tensor, spare: to
                       -2)
         F = torch.cat([F.new_zeros(len(live), Q.shape[-2], m), Fq.mT], -1)
         m += q
-    return Lambda2Result(value, converged, resid, passes, n_products)
+    return Lambda2Result(value, converged, resid, passes, vector, n_products)
 
 
 def start_rows(b: int, N: int, seed: int, like: torch.Tensor,
@@ -372,7 +392,7 @@ def lambda2(op: ChainOperator, max_dim: int, tol: float, max_restarts: int, grou
     like = torch.empty(0, dtype=op.dtype, device=op.device)
     if B == 0:
         z = torch.zeros(0, dtype=torch.float64, device=op.device)
-        return Lambda2Result(z, z.bool(), z, z.long(), 0)
+        return Lambda2Result(z, z.bool(), z, z.long(), like.new_zeros(0, N), 0)
     b = min(KRYLOV_BLOCK, N - 1)
     first = start_rows(b, N, seed, like, start)
     spare = zero_mean_rows(max(b - first.shape[-2], 0), N, seed + 1, like)
@@ -388,5 +408,5 @@ def lambda2(op: ChainOperator, max_dim: int, tol: float, max_restarts: int, grou
         r = lambda2_group(og, K, W[:, :-1], spare, max_dim, tol, max_restarts)
         parts.append(r._replace(passes=r.passes + 1, products=r.products + G))
     return Lambda2Result(*(torch.cat([getattr(p, f) for p in parts])
-                           for f in ("value", "converged", "residual", "passes")),
+                           for f in ("value", "converged", "residual", "passes", "vector")),
                          sum(p.products for p in parts))
