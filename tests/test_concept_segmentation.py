@@ -24,36 +24,9 @@ pytest.importorskip("h5py")
 
 # ----------------------------------------------------------------------------------------------
 # known answer: a concept token that reaches its region only through a two-step path
-def _planted(direction: str, grid=(4, 4), n_text=3, seed=0):
-    """A joint [text; image] chain in which the concept (text token 0) reaches the image region
-    R only through the bridge text token 1 (sink: 0 -> 1 -> R; source: R -> 1 -> 0)."""
-    g = torch.Generator().manual_seed(seed)
-    n_img = grid[0] * grid[1]
-    N = n_text + n_img
-    region = torch.zeros(n_img, dtype=torch.bool)
-    region[[1, 2, 5, 6, 9]] = True
-    R = torch.nonzero(region).flatten() + n_text
-    A = torch.rand(N, N, generator=g, dtype=torch.float64)
-    if direction == "sink":
-        A[0] = 0.0
-        A[0, 1] = 1.0                       # the concept attends only to the bridge
-        A[1] = 0.0
-        A[1, R] = 1.0                       # the bridge attends to the region, uniformly
-    else:
-        A[:, 0] = 0.0
-        A[1, 0] = 1.0                       # only the bridge attends to the concept
-        A[:, 1] = 0.0
-        A[R, 1] = 5.0                       # only region tokens attend to the bridge
-        A[0, 1] = 0.0
-    A = A / A.sum(-1, keepdim=True)
-    layout = TokenLayout(n=N, text=tuple(range(n_text)), image=tuple(range(n_text, N)),
-                         grid=grid)
-    return A, layout, region.reshape(grid)
-
-
 @pytest.mark.parametrize("direction", ["sink", "source"])
 def test_bounce_recovers_a_two_step_region_exactly(direction):
-    A, layout, region = _planted(direction)
+    A, layout, region = cs.planted_two_step_chain(direction)
     maps = cs.concept_maps(A[None, None].float(), layout, [[[0]]], max_bounces=3)
     gt = region[None]
     two = cs.score_maps(maps[(f"bounce_{direction}_2", "uniform")][:, 0], gt)
@@ -312,3 +285,62 @@ def test_full_profile_end_to_end_resume_and_shards(gtsegs, standin, tmp_path, mo
     s = cs.summarise(full)
     assert s.loc[("row_select", "uniform"), "n"] == 5
     assert ((s[["acc", "miou", "map"]] >= 0) & (s[["acc", "miou", "map"]] <= 100)).all().all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the scene-flux model, its data and its training
+def test_captions_name_every_object():
+    from attnchain.data import scenes as S
+    sc = S.generate(6, seed=3)
+    for (text, spans), names, labels, n in zip(S.captions(sc), S.colour_names(sc), sc.labels,
+                                               sc.n_objects):
+        assert len(spans) == len(names) == int(n)
+        for o, colour, lab in zip(spans, names, labels):
+            assert text[slice(*o["colour"])] == colour and colour in S.COLOUR_NAMES
+            assert text[slice(*o["shape"])] == S.CLASSES[int(lab)]
+
+
+def test_pixel_autoencoder_is_exact_and_the_pipeline_is_a_fluxpipeline():
+    from diffusers import FluxPipeline
+    from attnchain.zoo import scene_flux as SF
+    vae = SF.PixelShuffleAutoencoder(factor=4, scaling_factor=2.0, shift_factor=-0.5)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = vae.encode(x).latent_dist.sample()
+    assert torch.equal(vae.decode(z).sample, x)
+    with pytest.raises(ValueError, match="divisible"):
+        vae.encode(torch.zeros(1, 3, 62, 62))
+    pipe, pre = SF.build(weights="untrained")
+    assert isinstance(pipe, FluxPipeline) and pipe.vae_scale_factor == 4
+    out = pipe(["a red circle", "a blue square"], num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
+    states, pooled, _ = pipe.encode_prompt(["a red circle"])
+    assert states.shape == (1, SF.MAX_SEQUENCE_LENGTH, 384) and pooled.shape == (1, 384)
+    torch.testing.assert_close(pooled.norm(dim=-1), torch.ones(1))
+    assert pre(torch.rand(1, 3, 32, 32)).shape == (1, 3, 64, 64)
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    from attnchain.zoo import train_scene_flux as T
+    small = dict(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                 axes_dims_rope=[2, 3, 3])
+    cfg = T.TrainConfig(steps=3, batch_size=4, chunk_size=8, warmup_steps=1, ckpt_every=1,
+                        log_every=1, threads=1, model=small)
+    quiet = lambda *a: None  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        _train_twice(T, cfg, tmp_path, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_twice(T, cfg, tmp_path, quiet):
+    whole = T.train(cfg, tmp_path / "a", log=quiet)
+    T.train(cfg, tmp_path / "b", log=quiet, stop_after=2)      # interrupted after step 2
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    resumed = T.train(cfg, tmp_path / "b", log=quiet)          # resumes at step 2
+    for k, v in whole["pipe"].transformer.state_dict().items():
+        torch.testing.assert_close(v, resumed["pipe"].transformer.state_dict()[k])
+    assert len(resumed["history"]) == 3
+    info = T.finalise(cfg, whole, tmp_path / "out", log=quiet, attention=False, n_loss=16)
+    assert info["loss"]["constant"] > 0 and (tmp_path / "out" / "scene_flux.pt").exists()

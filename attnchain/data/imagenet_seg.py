@@ -2,7 +2,7 @@ r"""ImageNet-segmentation: 4,276 ImageNet images with foreground masks (``gtsegs
 
 The benchmark of zero-shot segmentation in Chefer et al., ConceptAttention and the paper
 :cite:`erel2025attention` is the set of Guillaumin, Küttel and Ferrari
-:cite:`guillaumin2014imagenet`: 4,276 images of 445 ImageNet synsets, each with a binary
+:cite:`guillaumin2014imagenetseg`: 4,276 images of 445 ImageNet synsets, each with a binary
 foreground mask, distributed as one MATLAB v7.3 file (an HDF5 file behind a 512-byte MATLAB
 header), ``gtsegs_ijcv.mat`` (about 1.5 GB), from
 ``http://calvin-vision.net/bigstuff/proj-imagenet/data/gtsegs_ijcv.mat`` (the address the
@@ -30,7 +30,7 @@ ImageNet-22k synset table, which holds all 445 synsets) mapped to a short name b
 **References**
 
 Guillaumin, Küttel, Ferrari, "ImageNet Auto-annotation with Segmentation Propagation", IJCV 2014
-:cite:`guillaumin2014imagenet`; Helbling et al., ConceptAttention, ICML 2025
+:cite:`guillaumin2014imagenetseg`; Helbling et al., ConceptAttention, ICML 2025
 :cite:`helbling2025conceptattention`.
 """
 from __future__ import annotations

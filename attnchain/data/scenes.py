@@ -51,6 +51,9 @@ __all__ = [
     "patch_foreground",
     "mask_to_grid",
     "patch_objects",
+    "COLOUR_NAMES",
+    "colour_names",
+    "captions",
 ]
 
 IMAGE_SIZE = 64
@@ -651,7 +654,7 @@ def colour_names(sc: Scenes) -> list:
     Examples
     --------
     >>> colour_names(generate(3, seed=0))
-    [['purple'], ['green', 'red', 'blue'], ['orange', 'turquoise', 'yellow']]
+    [['pink'], ['green', 'yellow', 'blue'], ['blue', 'green']]
 
     See Also
     --------
@@ -690,9 +693,9 @@ def captions(sc: Scenes) -> list:
     --------
     >>> text, spans = captions(generate(2, seed=0))[1]
     >>> text
-    'a green cross, a red square and a blue triangle'
+    'a green circle, a yellow square and a blue triangle'
     >>> [text[slice(*s["shape"])] for s in spans]
-    ['cross', 'square', 'triangle']
+    ['circle', 'square', 'triangle']
 
     See Also
     --------

@@ -54,7 +54,9 @@ from . import readouts
 
 __all__ = ["TASK", "VERSION", "WEIGHTINGS", "Protocol", "OFFLINE", "FULL", "ChainAccumulator",
            "token_positions", "prepare_inputs", "joint_chains", "method_names", "concept_maps",
-           "score_maps", "pooled_scores", "word_attention_report"]
+           "score_maps", "pooled_scores", "word_attention_report", "to_pixels", "Source",
+           "planted_two_step_chain",
+           "evaluate", "PAPER", "summarise", "versus", "bounce_table", "paper_comparison"]
 
 TASK = "concept_segmentation"
 VERSION = 1
@@ -243,8 +245,15 @@ def prepare_inputs(pipe, pixels: Tensor, prompts: Sequence[str], noise_step: int
     x0 = pipe._pack_latents(z, b, c, h, w)
     img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
     sch = copy.deepcopy(pipe.scheduler)
+    extra = {}
+    if sch.config.get("use_dynamic_shifting", False):   # FLUX.1-dev: FluxPipeline's shift
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        c = sch.config
+        extra["mu"] = calculate_shift(x0.shape[1], c.get("base_image_seq_len", 256),
+                                      c.get("max_image_seq_len", 4096),
+                                      c.get("base_shift", 0.5), c.get("max_shift", 1.15))
     sch.set_timesteps(sigmas=_np.linspace(1.0, 1 / num_steps, num_steps), device=device,
-                      **({"mu": 0.0} if sch.config.use_dynamic_shifting else {}))
+                      **extra)
     t = sch.timesteps[noise_step]
     noise = torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32).to(device)
     xt = sch.scale_noise(x0, t.expand(b), noise.expand_as(x0)).to(dtype)
@@ -354,6 +363,63 @@ def joint_chains(pipe, pixels: Tensor, prompts: Sequence[str], protocol: Protoco
 
 
 # ----------------------------------------------------------------------------------------------
+# a known answer
+def planted_two_step_chain(direction: str = "sink", grid=(4, 4), region=(1, 2, 5, 6, 9),
+                           n_text: int = 3, seed: int = 0, dtype=torch.float64):
+    r"""A joint ``[text; image]`` chain whose concept reaches its region only in two steps.
+
+    Text token 0 is the concept, text token 1 a *bridge*; ``region`` lists image tokens (grid
+    raster order). Every other row is random. ``"sink"``: the concept attends only to the
+    bridge and the bridge only (uniformly) to the region, so :math:`e_0 M` has no mass on image
+    tokens while :math:`e_0 M^2` is uniform on the region. ``"source"``: only the bridge attends
+    to the concept, and only region tokens attend to the bridge, so one source step (column
+    select) stays in the text and the second step lands on exactly the region.
+
+    Returns
+    -------
+    A : Tensor (N, N)
+        Row-stochastic, ``N = n_text + rows * cols``.
+    layout : TokenLayout
+    truth : BoolTensor (rows, cols)
+        The region.
+
+    Examples
+    --------
+    >>> A, layout, truth = planted_two_step_chain("sink")
+    >>> maps = concept_maps(A[None, None].float(), layout, [[[0]]], max_bounces=2)
+    >>> float(maps[("row_select", "uniform")].abs().max())
+    0.0
+    >>> bool(torch.equal(maps[("bounce_sink_2", "uniform")][0, 0] > 0, truth))
+    True
+    """
+    from ..capture import TokenLayout
+
+    if direction not in ("sink", "source"):
+        raise ValueError(f"direction must be 'sink' or 'source', got {direction!r}")
+    g = torch.Generator().manual_seed(seed)
+    n_img = grid[0] * grid[1]
+    N = n_text + n_img
+    truth = torch.zeros(n_img, dtype=torch.bool)
+    truth[list(region)] = True
+    R = torch.nonzero(truth).flatten() + n_text
+    A = torch.rand(N, N, generator=g, dtype=dtype)
+    if direction == "sink":
+        A[0] = 0.0
+        A[0, 1] = 1.0
+        A[1] = 0.0
+        A[1, R] = 1.0
+    else:
+        A[:, 0] = 0.0
+        A[1, 0] = 1.0
+        A[:, 1] = 0.0
+        A[R, 1] = 5.0
+    A = A / A.sum(-1, keepdim=True)
+    layout = TokenLayout(n=N, text=tuple(range(n_text)), image=tuple(range(n_text, N)),
+                         grid=tuple(grid))
+    return A, layout, truth.reshape(grid)
+
+
+# ----------------------------------------------------------------------------------------------
 # maps
 def method_names(max_bounces: int) -> list:
     """The methods of the module docstring, in table order.
@@ -448,8 +514,10 @@ def score_maps(maps: Tensor, masks: Tensor, eval_size: Optional[int] = None) -> 
     dict of ndarray (B,)
         ``pixels``, ``correct``, ``inter_fg``, ``union_fg``, ``inter_bg``, ``union_bg`` (counts
         for pooled accuracy and IoU, :func:`pooled_scores`), ``ap`` (average precision of the
-        map against the mask, :func:`sklearn.metrics.average_precision_score`; NaN for an empty
-        or full mask) and ``iou`` (the image's own foreground IoU).
+        map against the mask, :func:`attnchain.metrics.ranking_metrics`, identical to
+        :func:`sklearn.metrics.average_precision_score`; NaN for an empty or full mask),
+        ``iou`` (the item's own foreground IoU at the mean threshold) and ``iou_best`` (its IoU
+        at the best threshold of the map: an oracle).
 
     Examples
     --------
@@ -459,7 +527,7 @@ def score_maps(maps: Tensor, masks: Tensor, eval_size: Optional[int] = None) -> 
     >>> float(s["ap"][0]), int(s["correct"][0]), int(s["pixels"][0])
     (1.0, 16, 16)
     """
-    from sklearn.metrics import average_precision_score
+    from ..metrics import ranking_metrics
 
     if maps.ndim != 3 or masks.ndim != 3 or maps.shape[0] != masks.shape[0]:
         raise ValueError(f"maps (B, r, c) and masks (B, H, W) expected, got {tuple(maps.shape)} "
@@ -482,21 +550,35 @@ def score_maps(maps: Tensor, masks: Tensor, eval_size: Optional[int] = None) -> 
     counts = {"pixels": tp + tn + fp + fn, "correct": tp + tn, "inter_fg": tp,
               "union_fg": tp + fp + fn, "inter_bg": tn, "union_bg": tn + fp + fn}
     out = {k: v.detach().cpu().numpy().astype(np.float64) for k, v in counts.items()}
-    y = gt.flatten(1).detach().cpu().numpy()
-    s = score.flatten(1).detach().cpu().numpy()
-    out["ap"] = np.array([average_precision_score(y[i], s[i]) if 0 < y[i].sum() < y.shape[1]
-                          else np.nan for i in range(len(y))])
+    y = gt.flatten(1)
+    ap, best = ranking_metrics(score.flatten(1), y)
+    npos = y.sum(-1)
+    ok = (npos > 0) & (npos < y.shape[1])
+    out["ap"] = torch.where(ok, ap, torch.full_like(ap, float("nan"))).detach().cpu().numpy()
+    out["iou_best"] = best.detach().cpu().numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         out["iou"] = np.where(out["union_fg"] > 0, out["inter_fg"] / out["union_fg"], 1.0)
     return out
 
 
-def pooled_scores(table: pd.DataFrame) -> pd.DataFrame:
+def pooled_scores(table: pd.DataFrame, n_boot: int = 0, level: float = 0.95,
+                  seed: int = 0) -> pd.DataFrame:
     """Accuracy, IoU and mAP per method and weighting, pooled as ConceptAttention pools them.
 
     ``acc`` = sum of correct pixels / sum of pixels; ``iou_fg`` and ``iou_bg`` = summed
     intersections / summed unions of the foreground and the background; ``miou`` = their mean;
     ``map`` = the mean over items of the per-item AP (NaN items left out). Values in percent.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A task table (one row per item, concept, method, weighting and metric).
+    n_boot : int
+        With ``n_boot > 0``, percentile bootstrap intervals of ``acc``, ``miou`` and ``map``
+        (columns ``*_low``, ``*_high``): the concepts are resampled with replacement and the
+        pooled ratios recomputed on each resample.
+    level, seed
+        Confidence level and the seed of :func:`numpy.random.default_rng`.
 
     Examples
     --------
@@ -511,15 +593,35 @@ def pooled_scores(table: pd.DataFrame) -> pd.DataFrame:
     w = table.pivot_table(index=ids, columns="metric", values="value", sort=False,
                           aggfunc="first")
     rows, keys = [], []
+    q = (1 - level) / 2
     for key, g in w.groupby(level=[0, 1], sort=False):
-        acc = g["correct"].sum() / g["pixels"].sum()
-        iou_fg = g["inter_fg"].sum() / g["union_fg"].sum()
-        iou_bg = g["inter_bg"].sum() / g["union_bg"].sum()
-        rows.append([100 * acc, 100 * iou_fg, 100 * iou_bg, 100 * (iou_fg + iou_bg) / 2,
-                     100 * np.nanmean(g["ap"]), int(g["ap"].notna().sum())])
+        c = {k: g[k].to_numpy(np.float64) for k in ("correct", "pixels", "inter_fg", "union_fg",
+                                                     "inter_bg", "union_bg", "ap")}
+
+        def stats(idx):
+            tot = {k: v[idx].sum(-1) for k, v in c.items() if k != "ap"}
+            acc = tot["correct"] / tot["pixels"]
+            iou_fg = tot["inter_fg"] / tot["union_fg"]
+            iou_bg = tot["inter_bg"] / tot["union_bg"]
+            return acc, iou_fg, iou_bg, (iou_fg + iou_bg) / 2, np.nanmean(c["ap"][idx], -1)
+
+        acc, iou_fg, iou_bg, miou, m_ap = stats(np.arange(len(g)))
+        row = [100 * acc, 100 * iou_fg, 100 * iou_bg, 100 * miou, 100 * m_ap,
+               int(np.isfinite(c["ap"]).sum())]
+        if n_boot:
+            rng = np.random.default_rng(seed)
+            idx = rng.integers(0, len(g), size=(n_boot, len(g)))
+            with np.errstate(invalid="ignore"):
+                b_acc, _, _, b_miou, b_map = stats(idx)
+            for v in (b_acc, b_miou, b_map):
+                row += list(100 * np.nanquantile(v, [q, 1 - q]))
+        rows.append(row)
         keys.append(key)
+    cols = ["acc", "iou_fg", "iou_bg", "miou", "map", "n"]
+    if n_boot:
+        cols += [f"{m}_{b}" for m in ("acc", "miou", "map") for b in ("low", "high")]
     return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(keys, names=["method", "weighting"]),
-                        columns=["acc", "iou_fg", "iou_bg", "miou", "map", "n"])
+                        columns=cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,6 +677,10 @@ def word_attention_report(pipe, n: int = 100, seed: int = 0, level: str = "easy"
                              SF.MAX_SEQUENCE_LENGTH)
     items = [(s, k) for s in range(n) for k in range(len(tokens[s]))]
     gt = torch.stack([sc.masks[s] == k + 1 for s, k in items])
+    K = max(len(t) for t in tokens)
+    padded = [t + [t[0]] * (K - len(t)) for t in tokens]
+    bi = torch.tensor([s for s, _ in items])
+    ki = torch.tensor([k for _, k in items])
     chance = float(gt.flatten(1).float().mean(-1).mean())
     device = pipe.transformer.device
     pixels = (sc.images * 2 - 1).to(device)
@@ -592,18 +698,14 @@ def word_attention_report(pipe, n: int = 100, seed: int = 0, level: str = "easy"
                 p.transformer(**inputs)
             for layer, A in rec.attentions.items():
                 A = A.float() / A.float().sum(-1, keepdim=True)
-                lay = rec.tokens[layer]
-                maps = []
-                for s in range(n):
-                    m = concept_maps(A[s:s + 1, None], lay, [tokens[s]], 1)
-                    maps.append(m[("column_select", "uniform")][0])
-                maps = torch.cat(maps)
+                m = concept_maps(A[:, None], rec.tokens[layer], padded, 1)
+                m = m[("column_select", "uniform")]
+                maps = m[bi.to(m.device), ki.to(m.device)]
                 ap = float(np.nanmean(score_maps(maps, gt)["ap"]))
                 per.setdefault(layer, {})[name] = round(ap, 4)
                 if name == "trained":
                     blob = float(np.nanmean(score_maps(_blob_maps(maps), gt)["ap"]))
                     per[layer]["blob"] = round(blob, 4)
-        sch = p.scheduler
         sig = float(np.linspace(1.0, 1 / num_steps, num_steps)[step])
         report["sigma"][f"{sig:.2f}"] = per
     return report
@@ -867,9 +969,11 @@ PAPER = pd.DataFrame(
     columns=["method", "acc", "miou", "map"]).set_index("method")
 
 
-def summarise(table: pd.DataFrame, methods: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """Pooled accuracy, IoU and mAP per method and weighting (:func:`pooled_scores`), and
-    ``miou_ca``, ConceptAttention's published "mIoU" (Notes).
+def summarise(table: pd.DataFrame, methods: Optional[Sequence[str]] = None, n_boot: int = 0,
+              seed: int = 0) -> pd.DataFrame:
+    """Pooled accuracy, IoU and mAP per method and weighting (:func:`pooled_scores`, with
+    bootstrap intervals over concepts when ``n_boot > 0``), and ``miou_ca``, ConceptAttention's
+    published "mIoU" (Notes).
 
     Notes
     -----
@@ -882,7 +986,7 @@ def summarise(table: pd.DataFrame, methods: Optional[Sequence[str]] = None) -> p
     t = table[table.object > 0] if "object" in table else table
     if methods is not None:
         t = t[t.method.isin(list(methods))]
-    out = pooled_scores(t)
+    out = pooled_scores(t, n_boot=n_boot, seed=seed)
     out.insert(4, "miou_ca", 100 * out["acc"] / (200 - out["acc"]))
     return out
 
@@ -919,3 +1023,71 @@ def versus(table: pd.DataFrame, pairs: Sequence[tuple], metrics_: Sequence[str] 
                          100 * lo, 100 * hi])
     return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["a", "b", "metric"]),
                         columns=["n", "mean_a", "mean_b", "diff", "low", "high"])
+
+
+def bounce_table(table: pd.DataFrame, metric: str = "map") -> pd.DataFrame:
+    """One pooled metric of every multi-bounce map: rows ``n``, columns (direction, weighting).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> rows = [(0, 1, f"bounce_{d}_{n}", w, k, v) for d in ("sink", "source") for n in (1, 2)
+    ...         for w in WEIGHTINGS for k, v in dict(pixels=4, correct=3, inter_fg=1,
+    ...         union_fg=2, inter_bg=2, union_bg=3, ap=0.5 + 0.1 * n).items()]
+    >>> t = pd.DataFrame(rows, columns=["item", "object", "method", "weighting", "metric",
+    ...                                 "value"])
+    >>> bounce_table(t).round(1).loc[2].tolist()
+    [70.0, 70.0, 70.0, 70.0]
+    """
+    s = summarise(table)
+    out = {}
+    for (method, w), row in s.iterrows():
+        if method.startswith("bounce_"):
+            _, direction, n = method.split("_")
+            out.setdefault((direction, w), {})[int(n)] = row[metric]
+    df = pd.DataFrame(out).sort_index()
+    df.index.name = "n"
+    df.columns.names = ["direction", "weighting"]
+    return df
+
+
+def paper_comparison(table: pd.DataFrame, n: Optional[int] = None,
+                     direction: Optional[str] = None) -> pd.DataFrame:
+    """Our pooled numbers beside the paper's table, row by row.
+
+    The paper's multi-bounce rows are matched with our multi-bounce map of the ``direction``
+    and ``n`` (default: the pair with the best uniform-heads mAP; the method column names it);
+    row select and column select are the uniform head mean (the paper's baselines).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index: the paper's rows (ConceptAttention's row is quoted, not recomputed); columns
+        ``ours`` (the method used), ``acc``, ``miou``, ``map``, ``miou_ca`` and the paper's
+        ``paper_acc``, ``paper_miou``, ``paper_map``.
+    """
+    s = summarise(table)
+    if n is None or direction is None:
+        bounces = [(m, s.loc[(m, "uniform"), "map"]) for m, w in s.index
+                   if m.startswith("bounce_") and w == "uniform"
+                   and (direction is None or m.split("_")[1] == direction)
+                   and (n is None or int(m.split("_")[2]) == n)]
+        best = max(bounces, key=lambda t: t[1])[0]
+    else:
+        best = f"bounce_{direction}_{n}"
+    pick = {"row select": ("row_select", "uniform"), "column select": ("column_select", "uniform"),
+            "multi-bounce, uniform heads": (best, "uniform"),
+            "multi-bounce, λ2-weighted heads": (best, "lambda2")}
+    rows = []
+    for name in PAPER.index:
+        paper = PAPER.loc[name]
+        if name in pick:
+            m, w = pick[name]
+            r = s.loc[(m, w)]
+            ours = [f"{m} [{w}]", r["acc"], r["miou"], r["map"], r["miou_ca"]]
+        else:
+            ours = ["(not recomputed)", np.nan, np.nan, np.nan, np.nan]
+        rows.append(ours + [paper["acc"], paper["miou"], paper["map"]])
+    return pd.DataFrame(rows, index=PAPER.index,
+                        columns=["ours", "acc", "miou", "map", "miou_ca", "paper_acc",
+                                 "paper_miou", "paper_map"])

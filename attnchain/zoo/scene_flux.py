@@ -30,8 +30,8 @@ with ``pipe._pack_latents`` and calls ``pipe.transformer`` exactly as it does fo
 
 **References**
 
-:cite:`bfl2024flux`; Lipman et al. and Liu et al. (flow matching / rectified flow); Esser et al.,
-"Scaling Rectified Flow Transformers" (SD3: logit-normal timestep sampling).
+:cite:`bfl2024flux`; flow matching and rectified flow :cite:`lipman2023flowmatching`
+:cite:`liu2023rectifiedflow`; logit-normal timestep sampling :cite:`esser2024sd3`.
 """
 from __future__ import annotations
 

@@ -75,7 +75,9 @@ class TrainConfig:
     logit_std: float = 1.0
     ckpt_every: int = 200
     log_every: int = 50
-    threads: int = 2
+    # one thread: on a shared machine two OpenMP threads spin-wait for each other and a step
+    # cost five times the CPU time of a one-thread step
+    threads: int = 1
     model: dict = field(default_factory=lambda: dict(SF.DEFAULT_CONFIG))
 
     def __post_init__(self):
@@ -199,8 +201,12 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def train(cfg: TrainConfig, workdir, log=print, resume: bool = True, text=None) -> dict:
-    """Train (or resume) a run; return ``{"pipe", "history", "wall_s", "cpu_s", "step"}``."""
+def train(cfg: TrainConfig, workdir, log=print, resume: bool = True, text=None,
+          stop_after: int | None = None) -> dict:
+    """Train (or resume) a run; return ``{"pipe", "history", "wall_s", "cpu_s", "step"}``.
+
+    ``stop_after`` ends this invocation after that many steps (a checkpoint is written), as if
+    it had been interrupted; calling again with the same ``workdir`` resumes."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint.pt"
@@ -226,7 +232,8 @@ def train(cfg: TrainConfig, workdir, log=print, resume: bool = True, text=None) 
         log(f"resumed from {ckpt} at step {step} ({wall:.0f} s wall, {cpu:.0f} CPU-s done)")
     data, texts = Data(cfg), TextCache(pipe)
     t0, c0 = time.time(), _cpu_seconds()
-    while step < cfg.steps:
+    stop = cfg.steps if stop_after is None else min(cfg.steps, step + int(stop_after))
+    while step < stop:
         lr = _lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -250,7 +257,7 @@ def train(cfg: TrainConfig, workdir, log=print, resume: bool = True, text=None) 
             recent = np.mean([h["loss"] for h in history[-cfg.log_every:]])
             log(f"step {step}/{cfg.steps} loss {recent:.4f} lr {lr:.2e} | {now_w:.0f} s wall "
                 f"({now_w / step:.3f} s/step), {now_c:.0f} CPU-s ({now_c / step:.3f}/step)")
-        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+        if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == stop):
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"config": asdict(cfg), "transformer": transformer.state_dict(),
                         "opt": opt.state_dict(), "step": step,
@@ -275,10 +282,12 @@ def trivial_losses(pipe, cfg: TrainConfig, n: int = 512, seed: int = 1) -> dict:
     - ``model_shuffled_captions``: the same, each scene given another scene's caption (what the
       text contributes);
     - ``constant``: the best input-independent prediction, :math:`E[\varepsilon - x_0]` per
-      pixel (its loss is :math:`1 + \mathrm{Var}(x_0)` summed per pixel, averaged);
+      latent dimension (its loss is :math:`1 + \mathrm{Var}(x_0)`, averaged over dimensions);
     - ``gaussian_posterior``: the best predictor that knows only each latent dimension's mean
       and variance (the posterior mean of :math:`\varepsilon - x_0` given :math:`x_\sigma` when
       :math:`x_0` is Gaussian with those moments, dimension by dimension).
+
+    The moments come from ``min(2048, max(256, 4 n))`` training scenes.
     """
     sc = S.generate(n, VAL_SEED, cfg.level)
     caps = [t for t, _ in S.captions(sc)]
@@ -296,7 +305,8 @@ def trivial_losses(pipe, cfg: TrainConfig, n: int = 512, seed: int = 1) -> dict:
             st, po = texts([caps[j] for j in order[sl]])
             vals.append(flow_loss(pipe, x0[sl], st, po, sigma[sl], noise[sl], reduce=False))
         out[name] = float(torch.cat(vals).mean())
-    train_x = latents(pipe, S.generate(2048, chunk_seed(cfg.seed, 0), cfg.level).images)
+    train_x = latents(pipe, S.generate(min(2048, max(256, 4 * n)), chunk_seed(cfg.seed, 0),
+                                       cfg.level).images)
     mu, var = train_x.mean(0), train_x.var(0)
     target = noise - x0
     out["constant"] = float(((target - (-mu)) ** 2).mean())
@@ -321,8 +331,12 @@ def _versions() -> dict:
 
 
 def finalise(cfg: TrainConfig, result: dict, out_dir, log=print, n_eval: int = 100,
-             attention: bool = True) -> dict:
-    """Measure the trained model and write ``scene_flux.pt`` and ``scene_flux.json``."""
+             attention: bool = True, n_loss: int = 512) -> dict:
+    """Measure the trained model and write ``scene_flux.pt`` and ``scene_flux.json``.
+
+    ``n_loss`` validation scenes score the loss against trivial predictors
+    (:func:`trivial_losses`); with ``attention``, ``n_eval`` held-out scenes the word attention
+    (:func:`attnchain.tasks.concept_segmentation.word_attention_report`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = result["pipe"]
@@ -357,7 +371,7 @@ def finalise(cfg: TrainConfig, result: dict, out_dir, log=print, n_eval: int = 1
         "training_threads": cfg.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs visible",
         "versions": _versions(),
-        "loss": trivial_losses(pipe, cfg),
+        "loss": trivial_losses(pipe, cfg, n=n_loss),
         "loss_curve": curve,
     }
     if attention:
