@@ -93,7 +93,6 @@ def main():
     ap.add_argument("--points", type=int, nargs=3, default=(512, 768, 1024))
     ap.add_argument("--check", type=int, default=1280)
     a = ap.parse_args()
-    torch.set_num_threads(2)
     w = weights_gib()
     print("FLUX.1-schnell weights (bf16, parameters counted on the meta device):")
     for name, (n, gib) in w.items():

@@ -55,7 +55,7 @@ from . import readouts
 __all__ = ["TASK", "VERSION", "WEIGHTINGS", "Protocol", "OFFLINE", "FULL", "ChainAccumulator",
            "token_positions", "prepare_inputs", "joint_chains", "method_names", "concept_maps",
            "score_maps", "pooled_scores", "word_attention_report", "to_pixels", "Source",
-           "planted_two_step_chain",
+           "planted_two_step_chain", "pipeline_device",
            "evaluate", "PAPER", "summarise", "versus", "bounce_table", "paper_comparison"]
 
 TASK = "concept_segmentation"
@@ -118,8 +118,10 @@ FULL = Protocol(
     layers=tuple(f"transformer_blocks.{i}.attn" for i in range(14, 18)),
     max_sequence_length=256, max_bounces=10, eval_size=224, pre_resize=512,
     sources={
-        "resolution": "ConceptAttention run_experiment.py: Resize((512, 512), BICUBIC), then "
-                      "encode_image interpolates to 1024 x 1024 (64 x 64 image tokens)",
+        "resolution": "ConceptAttention segmentation.py: encode_image interpolates the image "
+                      "to 1024 x 1024 (nearest; 64 x 64 image tokens)",
+        "pre_resize": "ConceptAttention run_experiment.py: transforms.Resize((512, 512), "
+                      "Image.BICUBIC) first",
         "num_steps": "ConceptAttention run_cross_self_ablation.sh: --num_steps 4 (schnell)",
         "noise_steps": "ConceptAttention run_cross_self_ablation.sh: --noise_timestep 2 "
                        "(sigma = 0.5 of the 4-step schedule)",
@@ -129,6 +131,7 @@ FULL = Protocol(
                   "(double-stream blocks 14..17 of 19)",
         "max_sequence_length": "FLUX.1-schnell's T5 length (256), as ConceptAttention's "
                                "flux code and the paper's release (max_seq_len: 256)",
+        "max_bounces": "the paper's release (flux.yml): n_bounces: 10",
         "eval_size": "ConceptAttention run_experiment.py: labels Resize((224, 224), NEAREST), "
                      "maps upsampled nearest to 224",
         "threshold": "ConceptAttention: mask = map > mean(map) (mean_value_threshold=True)",
@@ -194,6 +197,21 @@ def token_positions(tokenizer, prompts: Sequence[str], spans: Sequence[Sequence[
 
 # ----------------------------------------------------------------------------------------------
 # the model call
+def pipeline_device(pipe) -> torch.device:
+    """The device a pipeline computes on: diffusers' ``_execution_device`` (the GPU also when
+    ``enable_model_cpu_offload`` keeps the weights on the CPU between calls), else the
+    transformer's device.
+
+    Examples
+    --------
+    >>> from attnchain.zoo import flux_standin
+    >>> pipeline_device(flux_standin.build_pipeline())
+    device(type='cpu')
+    """
+    device = getattr(pipe, "_execution_device", None)
+    return torch.device(device) if device is not None else pipe.transformer.device
+
+
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
@@ -667,7 +685,7 @@ def word_attention_report(pipe, n: int = 100, seed: int = 0, level: str = "easy"
     if untrained is None:
         untrained = SF.make_pipeline(SF.make_transformer(pipe.transformer.config, seed=seed),
                                      pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor,
-                                     device=pipe.transformer.device,
+                                     device=pipeline_device(pipe),
                                      text=(pipe.text_encoder_2, pipe.tokenizer_2))
     sc = S.benchmark(level, n=n)
     caps = S.captions(sc)
@@ -682,7 +700,7 @@ def word_attention_report(pipe, n: int = 100, seed: int = 0, level: str = "easy"
     bi = torch.tensor([s for s, _ in items])
     ki = torch.tensor([k for _, k in items])
     chance = float(gt.flatten(1).float().mean(-1).mean())
-    device = pipe.transformer.device
+    device = pipeline_device(pipe)
     pixels = (sc.images * 2 - 1).to(device)
     report = {"n_scenes": n, "n_objects": len(items), "chance": chance, "level": level,
               "what": "mean over objects of the AP of column select of the object's colour and "
@@ -854,7 +872,7 @@ def _reference_maps(source: Source, items, masks, grid) -> dict:
 
 def _batch_rows(pipe, source: Source, items, protocol: Protocol) -> list:
     images, prompts, spans, masks = source.batch(items)
-    device = pipe.transformer.device
+    device = pipeline_device(pipe)
     pixels = to_pixels(images, protocol, device)
     concepts = token_positions(pipe.tokenizer_2, prompts, spans, protocol.max_sequence_length)
     K = max(len(c) for c in concepts)
