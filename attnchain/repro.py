@@ -111,7 +111,7 @@ def _segmentation(args) -> None:
                     data_path=data_path, class_map=args.class_map,
                     progress=not args.no_progress)
     print(f"=== zero-shot segmentation | profile {args.profile} | {model} | {dataset} | "
-          f"{t.item.nunique()} images, {t[t.object > 0].groupby(['item', 'object']).ngroups} "
+          f"{t.item.nunique()} items, {t[t.object > 0].groupby(['item', 'object']).ngroups} "
           f"concepts | results in {args.results_dir}")
     from .zoo import weights
     if full and weights() == "random":
@@ -138,11 +138,11 @@ def _segmentation(args) -> None:
                  "map_low", "map_high", "n"]])
         pairs = [(("bounce_sink_2", w), ("bounce_sink_1", w)) for w in cs.WEIGHTINGS]
         pairs += [(("bounce_source_2", w), ("bounce_source_1", w)) for w in cs.WEIGHTINGS]
-        pairs += [((f"bounce_{d}_2", "uniform"), ("column_select", "uniform"))
-                  for d in ("sink", "source")]
+        pairs += [(("bounce_sink_2", "uniform"), ("column_select", "uniform"))]
         pairs += [((m, "lambda2"), (m, "uniform")) for m in
                   ("column_select", "bounce_sink_2", "bounce_source_2")]
-        print("\npaired differences per concept (percentage points, 95% bootstrap CI):")
+        print("\npaired differences per concept (percentage points, 95% bootstrap CI; "
+              "bounce_source_1 is column select, bounce_sink_1 row select):")
         print(cs.versus(t, pairs, ("ap", "iou"), n_boot=2000))
 
 

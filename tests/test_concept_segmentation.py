@@ -359,3 +359,4 @@ def test_repro_segmentation_prints_ours_beside_the_paper(gtsegs, tmp_path, monke
     out = capsys.readouterr().out
     assert "stand-in" in out and "imagenet-segmentation" in out and "94.29" in out
     assert "changed from the full protocol" in out and "paired differences" in out
+
