@@ -331,12 +331,13 @@ def _versions() -> dict:
 
 
 def finalise(cfg: TrainConfig, result: dict, out_dir, log=print, n_eval: int = 100,
-             attention: bool = True, n_loss: int = 512) -> dict:
+             attention: bool = True, n_loss: int = 512, command: str = None) -> dict:
     """Measure the trained model and write ``scene_flux.pt`` and ``scene_flux.json``.
 
     ``n_loss`` validation scenes score the loss against trivial predictors
     (:func:`trivial_losses`); with ``attention``, ``n_eval`` held-out scenes the word attention
-    (:func:`attnchain.tasks.concept_segmentation.word_attention_report`)."""
+    (:func:`attnchain.tasks.concept_segmentation.word_attention_report`); ``command`` is
+    recorded in the JSON (default: this process's command line)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = result["pipe"]
@@ -362,6 +363,8 @@ def finalise(cfg: TrainConfig, result: dict, out_dir, log=print, n_eval: int = 1
                      "noise - x0 at x_sigma = (1 - sigma) x0 + sigma noise; sigma logit-normal "
                      "(0, 1) through diffusers' compute_density_for_timestep_sampling and the "
                      "FLUX.1-schnell FlowMatchEulerDiscreteScheduler",
+        "command": command or " ".join(["python", "-m", "attnchain.zoo.train_scene_flux"]
+                                       + sys.argv[1:]),
         "training_data": f"attnchain.data.scenes.generate(level={cfg.level!r}) with "
                          "attnchain.data.scenes.captions, seeds "
                          f"{chunk_seed(cfg.seed, 0)}.., {cfg.steps * cfg.batch_size} samples",
@@ -426,8 +429,10 @@ def main(argv=None) -> int:
 
     log(f"config {json.dumps(asdict(cfg))}")
     result = train(cfg, args.workdir, log=log, resume=not args.fresh)
+    argv = sys.argv[1:] if argv is None else list(argv)
     finalise(cfg, result, args.out, log=log, n_eval=20 if args.smoke else 100,
-             attention=not args.no_attention)
+             attention=not args.no_attention,
+             command=" ".join(["python -m attnchain.zoo.train_scene_flux"] + argv))
     return 0
 
 
