@@ -130,20 +130,30 @@ def _segmentation(args) -> None:
         print(cs.paper_comparison(t))
         print("\nmulti-bounce by n and direction (mAP):")
         print(cs.bounce_table(t, "map"))
-        main = ["row_select", "column_select", "bounce_sink_2", "bounce_source_2",
-                "colour_contrast", "centre_prior", "gt_grid"]
-        s = cs.summarise(t, methods=main, n_boot=2000)
-        print(f"\npooled scores with 95% bootstrap intervals over concepts (percent):")
-        print(s[["acc", "acc_low", "acc_high", "miou", "miou_low", "miou_high", "map",
-                 "map_low", "map_high", "n"]])
+        for metric in ("acc", "miou"):
+            print(f"\nmulti-bounce by n and direction ({metric}):")
+            print(cs.bounce_table(t, metric))
+        s = cs.summarise(t, n_boot=2000)
+        cols = ["acc", "acc_low", "acc_high", "miou", "miou_low", "miou_high", "miou_ca",
+                "map", "map_low", "map_high", "n"]
+        print(f"\npooled scores of every method with 95% bootstrap intervals over concepts "
+              "(percent; bounce_sink_1 is row select, bounce_source_1 column select):")
+        print(s[cols].to_string())
         pairs = [(("bounce_sink_2", w), ("bounce_sink_1", w)) for w in cs.WEIGHTINGS]
         pairs += [(("bounce_source_2", w), ("bounce_source_1", w)) for w in cs.WEIGHTINGS]
-        pairs += [(("bounce_sink_2", "uniform"), ("column_select", "uniform"))]
+        pairs += [((f"bounce_{d}_2", "uniform"), ("column_select", "uniform"))
+                  for d in ("sink", "source")]
         pairs += [((m, "lambda2"), (m, "uniform")) for m in
                   ("column_select", "bounce_sink_2", "bounce_source_2")]
         print("\npaired differences per concept (percentage points, 95% bootstrap CI; "
               "bounce_source_1 is column select, bounce_sink_1 row select):")
-        print(cs.versus(t, pairs, ("ap", "iou"), n_boot=2000))
+        v = cs.versus(t, pairs, ("ap", "iou"), n_boot=2000)
+        print(v.to_string())
+    if args.results_dir is not None:
+        stem = f"segmentation_{model}_{dataset}_{len(t.item.unique())}"
+        s.to_csv(Path(args.results_dir) / f"{stem}_summary.csv")
+        v.to_csv(Path(args.results_dir) / f"{stem}_paired.csv")
+        print(f"\nsummary and paired differences written to {args.results_dir}/{stem}_*.csv")
 
 
 TASKS = {"scene_saliency": _scene_saliency, "masking": _masking, "segmentation": _segmentation}

@@ -141,10 +141,11 @@ FULL = Protocol(
                    "summed over images; mAP = mean of per-image sklearn AP",
     })
 
-#: The offline profile (scene-flux on held-out scenes): the same protocol at the model's size.
+#: The offline profile (scene-flux on held-out scenes): the same protocol at the model's size;
+#: its blocks are, as ConceptAttention's, double-stream blocks (scene-flux has two).
 OFFLINE = Protocol(resolution=64, num_steps=4, noise_steps=(2,), seeds=(4, 5, 6, 7, 8),
-                   layers=("transformer_blocks.*", "single_transformer_blocks.*"),
-                   max_sequence_length=16, max_bounces=10, eval_size=None)
+                   layers=("transformer_blocks.*",), max_sequence_length=16, max_bounces=10,
+                   eval_size=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +292,11 @@ def _both_weightings(p: Tensor) -> Tensor:
     """``(B, H, N, N)`` heads -> ``(B, 2, N, N)``: the uniform and the λ2-weighted head mean."""
     p = p.to(torch.float32)
     p = torch.where(p < 1e-30, torch.zeros_like(p), p)  # subnormals slow LAPACK down
-    return torch.stack([ac.head_mean(p, "uniform"), ac.head_mean(p, "lambda2")], 1)
+    # dense |lambda2| in float64: torch's float32 geev with 2 threads took 13.5 CPU-s for 40
+    # matrices of 80 x 80 on the loaded 2-core CI machine, float64 0.08 s (same results)
+    dense = p.shape[-1] <= ac.spectral.AUTO_DENSE_MAX_N
+    lam = ac.head_mean(p, "lambda2", dtype=torch.float64 if dense else None)
+    return torch.stack([ac.head_mean(p, "uniform"), lam.to(p.dtype)], 1)
 
 
 class ChainAccumulator(Recorder):
@@ -959,6 +964,9 @@ def evaluate(model_name: str = "scene-flux", dataset: str = "scenes-easy",
     source = Source(dataset, n, path=data_path, class_map=class_map,
                     eval_size=protocol.eval_size)
     settings = dict(model=model_name, dataset=dataset, **protocol.settings())
+    if model_name == "scene-flux":
+        from ..zoo import scene_flux as SF
+        settings["weights"] = SF.weights_digest()   # new weights never reuse old results
     from ._runner import Runner
     runner = Runner(TASK, VERSION, settings, results_dir, labels=("model", "dataset"),
                     columns=("object",))

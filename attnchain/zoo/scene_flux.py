@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_CONFIG", "WEIGHTS_DIR", "WEIGHTS_FILE", "INFO_FILE", "MAX_SEQUENCE_LENGTH",
+__all__ = ["DEFAULT_CONFIG", "WEIGHTS_DIR", "WEIGHTS_FILE", "INFO_FILE", "weights_digest", "MAX_SEQUENCE_LENGTH",
            "PixelShuffleAutoencoder", "SceneFluxPipeline", "make_transformer", "make_scheduler",
            "make_pipeline", "build", "load_info"]
 
@@ -263,6 +263,23 @@ def make_pipeline(transformer: nn.Module, scaling_factor: float = 1.0, shift_fac
     if device is not None:
         pipe = pipe.to(device)
     return pipe
+
+
+def weights_digest(weights_dir=None) -> str:
+    """The first 12 hex digits of the SHA-1 of the shipped weights file (``"missing"`` without
+    one): part of the results key of evaluations, so that new weights never reuse old results.
+
+    Examples
+    --------
+    >>> len(weights_digest())
+    12
+    """
+    import hashlib
+
+    path = Path(weights_dir or WEIGHTS_DIR) / WEIGHTS_FILE
+    if not path.exists():
+        return "missing"
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
 
 
 def load_info(weights_dir=None) -> dict:
