@@ -929,7 +929,9 @@ def evaluate(model_name: str = "scene-flux", dataset: str = "scenes-easy",
     n : int, optional
         The first ``n`` items.
     results_dir : str or Path, optional
-        Folder of the resumable results file.
+        Folder of the resumable results file. Its key holds the model name, the dataset, every
+        protocol setting and, for ``scene-flux``, the digest of the shipped weights
+        (:func:`attnchain.zoo.scene_flux.weights_digest`), so retrained weights start anew.
     batch_size : int
         Items per transformer call (1 for FLUX.1-schnell at 1024 pixels).
     protocol : Protocol, optional
