@@ -125,7 +125,7 @@ def _segmentation(args) -> None:
         print("changed from the full protocol: " + ", ".join(f"{k}={v}" for k, v in
                                                             changes.items()))
     with pd.option_context("display.precision", 2, "display.width", 200,
-                           "display.max_columns", 20):
+                           "display.max_columns", 20, "display.float_format", "{:.2f}".format):
         print("\nours beside the paper's table (FLUX.1-schnell, ImageNet-segmentation):")
         print(cs.paper_comparison(t))
         print("\nmulti-bounce by n and direction (mAP):")
@@ -150,7 +150,10 @@ def _segmentation(args) -> None:
         v = cs.versus(t, pairs, ("ap", "iou"), n_boot=2000)
         print(v.to_string())
     if args.results_dir is not None:
-        stem = f"segmentation_{model}_{dataset}_{len(t.item.unique())}"
+        import hashlib
+        import json
+        key = hashlib.sha1(json.dumps(protocol.settings(), sort_keys=True).encode()).hexdigest()
+        stem = f"segmentation_{model}_{dataset}_{len(t.item.unique())}_{key[:8]}"
         s.to_csv(Path(args.results_dir) / f"{stem}_summary.csv")
         v.to_csv(Path(args.results_dir) / f"{stem}_paired.csv")
         print(f"\nsummary and paired differences written to {args.results_dir}/{stem}_*.csv")
