@@ -30,6 +30,14 @@ SMOKE = {
     "04_tokenrank_pagerank": {"PHOTOS": ["coffee", "chelsea"]},
     "05_lambda2_heads": {"N_SCENES": 2, "LAYERS": [5, 11]},
     "07_offline_vision": {"LEVELS": ["easy"], "N_SCENES": 4, "N_BOOT": 200},
+    "08_concept_segmentation": {
+        "N_ITEMS": 2, "BATCH_SIZE": 1, "N_BOOT": 200, "N_WORD_CHECK": 6,
+        "DATA_PATH": str(OUT / "imagenet_seg" / "gtsegs_ijcv.mat"),
+        "CLASS_MAP": str(OUT / "imagenet_seg" / "imagenet_class_map.json"),
+        # the FLUX.1-schnell stand-in is tiny and has two double-stream blocks
+        "PROTOCOL_CHANGES": {"resolution": 64, "pre_resize": 96, "eval_size": 32,
+                             "layers": ("transformer_blocks.*",), "seeds": (4,),
+                             "max_sequence_length": 8}},
     "09_token_masking": {"N_IMAGES": 4, "BATCH_SIZE": 2, "N_BOOT": 200, "SEEDS": 1,
                          "DATA_ROOT": str(OUT / "imagenetv2"),
                          "DATA_ARCHIVE": str(OUT / "imagenetv2-matched-frequency.tar.gz")},
@@ -73,8 +81,20 @@ def _coco_stuff_sample():
     coco_stuff.write_sample(OUT / "coco-stuff", n=2, shape=(120, 160))
 
 
+def _imagenet_segmentation_sample():
+    """Chapter 8's full profile reads gtsegs_ijcv.mat: a small file in its layout, and a class
+    map in the format of ConceptAttention's, written here."""
+    from attnchain.data import imagenet_seg
+
+    folder = OUT / "imagenet_seg"
+    imagenet_seg.write_sample(folder / "gtsegs_ijcv.mat", n=4, seed=0)
+    (folder / "imagenet_class_map.json").write_text(json.dumps({"categories": {
+        "Chihuahua": "dog", "dog": "dog", "domestic cat": "cat", "cat": "cat"}}))
+
+
 #: Data a chapter's full profile needs, written before it runs.
-SETUP = {"09_token_masking": _imagenetv2_sample, "10_sag": _sag_reference,
+SETUP = {"08_concept_segmentation": _imagenet_segmentation_sample,
+         "09_token_masking": _imagenetv2_sample, "10_sag": _sag_reference,
          "11_diffseg": _coco_stuff_sample}
 
 STRICT_CELL = """\

@@ -51,6 +51,9 @@ __all__ = [
     "patch_foreground",
     "mask_to_grid",
     "patch_objects",
+    "COLOUR_NAMES",
+    "colour_names",
+    "captions",
 ]
 
 IMAGE_SIZE = 64
@@ -629,3 +632,86 @@ def patch_objects(masks: torch.Tensor, patch_size: int = PATCH_SIZE, *,
     frac[:, 0] = 0.0
     val, idx = frac.max(1)
     return torch.where(val > 0.5, idx, torch.zeros_like(idx))
+
+
+# ----------------------------------------------------------------------------------------------
+# captions: every object named by colour and shape (the text stream of the FLUX-class model)
+
+#: Colour names of :func:`colour_names`, with the hue ranges (degrees) they cover; every name is
+#: one token of the MiniLM (BERT) vocabulary. Objects with saturation below 0.2 are ``"grey"``.
+COLOUR_NAMES = ("red", "orange", "yellow", "green", "turquoise", "blue", "purple", "pink",
+                "grey")
+_HUE_EDGES = (15.0, 40.0, 70.0, 160.0, 200.0, 260.0, 290.0, 340.0)  # upper edges, red wraps
+
+
+def colour_names(sc: Scenes) -> list:
+    """The colour name of every object: a list (one per scene) of names, in instance order.
+
+    The name comes from the hue of the object's mean RGB over its mask (:data:`COLOUR_NAMES`):
+    red below 15 degrees and from 340, orange to 40, yellow to 70, green to 160, turquoise to
+    200, blue to 260, purple to 290, pink to 340; ``"grey"`` below saturation 0.2.
+
+    Examples
+    --------
+    >>> colour_names(generate(3, seed=0))
+    [['pink'], ['green', 'yellow', 'blue'], ['blue', 'green']]
+
+    See Also
+    --------
+    captions
+    """
+    out = []
+    for s in range(len(sc)):
+        names = []
+        for k in range(int(sc.n_objects[s])):
+            m = sc.masks[s] == k + 1
+            rgb = sc.images[s][:, m].mean(1).tolist()
+            h, sat, _ = colorsys.rgb_to_hsv(*rgb)
+            if sat < 0.2:
+                names.append("grey")
+                continue
+            deg = h * 360.0
+            idx = int(np.searchsorted(_HUE_EDGES, deg, side="right"))
+            names.append(COLOUR_NAMES[idx % 8])
+        out.append(names)
+    return out
+
+
+def captions(sc: Scenes) -> list:
+    """One caption per scene naming every object by colour and shape, with character spans.
+
+    The caption lists the objects in instance order: ``"a red circle"``, ``"a red circle and a
+    blue square"``, ``"a red circle, a blue square and a green cross"``.
+
+    Returns
+    -------
+    list of (str, list of dict)
+        Per scene the caption and, per object (instance ``k + 1``), ``{"colour": (start, end),
+        "shape": (start, end)}``: the character spans of its two words.
+
+    Examples
+    --------
+    >>> text, spans = captions(generate(2, seed=0))[1]
+    >>> text
+    'a green circle, a yellow square and a blue triangle'
+    >>> [text[slice(*s["shape"])] for s in spans]
+    ['circle', 'square', 'triangle']
+
+    See Also
+    --------
+    colour_names
+    """
+    out = []
+    for s, names in enumerate(colour_names(sc)):
+        parts, spans, pos = [], [], 0
+        n = len(names)
+        for k, colour in enumerate(names):
+            sep = "" if k == 0 else (" and " if k == n - 1 else ", ")
+            shape = sc.classes[int(sc.labels[s, k])]
+            pos += len(sep) + 2  # "a "
+            spans.append({"colour": (pos, pos + len(colour)),
+                          "shape": (pos + len(colour) + 1, pos + len(colour) + 1 + len(shape))})
+            parts.append(f"{sep}a {colour} {shape}")
+            pos += len(colour) + 1 + len(shape)
+        out.append(("".join(parts), spans))
+    return out

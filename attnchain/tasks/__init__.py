@@ -7,13 +7,15 @@
   TokenRank and metastable states, read at chosen target tokens.
 - One module per task: :mod:`~attnchain.tasks.scene_saliency` (chapter 7),
   :mod:`~attnchain.tasks.same_object` (the same-object AUC of chapters 3 and 5),
-  :mod:`~attnchain.tasks.token_masking` (chapter 9), :mod:`~attnchain.tasks.diffseg` and
-  :mod:`~attnchain.tasks.diffseg_eval` (chapter 11); the locality
-  analysis in :mod:`~attnchain.tasks.locality`.
+  :mod:`~attnchain.tasks.concept_segmentation` (chapter 8),
+  :mod:`~attnchain.tasks.token_masking` (chapter 9), :mod:`~attnchain.tasks.sag` (chapter 10),
+  :mod:`~attnchain.tasks.diffseg` and :mod:`~attnchain.tasks.diffseg_eval` (chapter 11); the
+  locality analysis in :mod:`~attnchain.tasks.locality`.
 """
-from . import locality, readouts, same_object, scene_saliency, token_masking
+from . import concept_segmentation, locality, readouts, same_object, scene_saliency, token_masking
 from . import diffseg, diffseg_eval
 from ._runner import COLUMNS, Runner, compare, select, summarise
 
 __all__ = ["COLUMNS", "Runner", "compare", "select", "summarise", "readouts", "locality",
-           "same_object", "scene_saliency", "token_masking", "diffseg", "diffseg_eval"]
+           "same_object", "scene_saliency", "token_masking", "concept_segmentation", "diffseg",
+           "diffseg_eval"]

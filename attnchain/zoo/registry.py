@@ -379,6 +379,16 @@ def _load_tiny_flux(device):
     return model, preprocess
 
 
+def _scene_flux_untrained(device):
+    from attnchain.zoo import scene_flux
+    return scene_flux.build(device=device, weights="untrained")
+
+
+def _flux_standin(device):
+    from attnchain.zoo import flux_standin
+    return flux_standin.build(device)
+
+
 def _project_builder(module: str) -> Callable:
     def load(device):
         mod = importlib.import_module(f"attnchain.zoo.{module}")
@@ -465,6 +475,11 @@ def _diffusers_loader(pipeline: str, repo: str) -> Callable:
             from attnchain.zoo.tiny_sd import build_tiny_sd
             pipe = build_tiny_sd(device=device)
             return pipe, lambda x: x
+        if pipeline == "FluxPipeline" and weights() == "random":
+            # FLUX.1-schnell cannot be built at its real size on a CPU: a reduced stand-in of
+            # the same classes (attnchain.zoo.flux_standin)
+            from attnchain.zoo import flux_standin
+            return flux_standin.build(device)
         cls = getattr(diffusers, pipeline)
         dtype = torch.float16 if pipeline == "StableDiffusionPipeline" else torch.bfloat16
         if device.type != "cuda":
@@ -525,6 +540,17 @@ def _entries() -> dict[str, ModelEntry]:
         ModelEntry("tiny-sd", "offline", "diffusion",
                    "untrained Stable Diffusion pipeline of toy components (UNet, VAE, CLIP text; "
                    "plumbing tests)", _project_builder("tiny_sd"), "attnchain.zoo.tiny_sd"),
+        ModelEntry("scene-flux", "offline", "diffusion",
+                   "small FLUX-class text-to-image pipeline trained by the project on captioned "
+                   "scenes (FluxTransformer2DModel + MiniLM; ships its weights)",
+                   _project_builder("scene_flux"), "attnchain.zoo.scene_flux"),
+        ModelEntry("scene-flux-untrained", "offline", "diffusion",
+                   "scene-flux at its seeded initialisation (the untrained twin)",
+                   _scene_flux_untrained, "attnchain.zoo.scene_flux"),
+        ModelEntry("tiny-flux-pipeline", "offline", "diffusion",
+                   "untrained FluxPipeline with every FLUX.1-schnell class at tiny sizes "
+                   "(plumbing tests; attnchain.zoo.flux_standin)",
+                   _flux_standin, "attnchain.zoo.flux_standin"),
         ModelEntry("tiny-flux", "offline", "diffusion",
                    "untrained diffusers FluxTransformer2DModel, 1+1 blocks (plumbing tests)",
                    _load_tiny_flux, "diffusers FluxTransformer2DModel"),
