@@ -277,7 +277,7 @@ def _segmentation(args) -> None:
         s = cs.summarise(t, n_boot=2000)
         cols = ["acc", "acc_low", "acc_high", "miou", "miou_low", "miou_high", "miou_ca",
                 "map", "map_low", "map_high", "n"]
-        print(f"\npooled scores of every method with 95% bootstrap intervals over concepts "
+        print("\npooled scores of every method with 95% bootstrap intervals over concepts "
               "(percent; bounce_sink_1 is row select, bounce_source_1 column select):")
         print(s[cols].to_string())
         pairs = [(("bounce_sink_2", w), ("bounce_sink_1", w)) for w in cs.WEIGHTINGS]

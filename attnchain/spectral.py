@@ -27,7 +27,7 @@ import torch
 from ._solvers import block_krylov, dense, last_level_cache_bytes
 from ._solvers.block_krylov import KRYLOV_BLOCK
 from ._validate import (as_tensor, check_choice, check_fraction, check_int, check_positive,
-                        check_rows, check_square, late_row_check, prepare)
+                        check_square, late_row_check, prepare)
 from .errors import ConvergenceError
 from .operators import ChainOperator, DenseChain, as_operator
 from .stationary import _solve_sequence, token_rank

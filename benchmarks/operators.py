@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 
-import attnchain as ac
 from attnchain.operators import AttentionChain, attention_probs
 from attnchain.testing.memory import measure_chain
 from attnchain.testing.qk import planted_qk

@@ -5,7 +5,6 @@ FLUX.1-schnell stand-in and a small file in ``gtsegs_ijcv.mat``'s layout (resume
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from attnchain.data import coco_stuff as cs
-from attnchain.tasks import diffseg as ds
 from attnchain.tasks import diffseg_eval as de
 from attnchain.tasks import locality
 

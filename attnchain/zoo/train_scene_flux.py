@@ -35,7 +35,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -44,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from attnchain.data import scenes as S
+from attnchain.zoo import _training
 from attnchain.zoo import scene_flux as SF
 
 __all__ = ["TrainConfig", "DATA_SEED_BASE", "VAL_SEED", "chunk_seed", "TextCache", "Data",
@@ -93,13 +92,8 @@ class TrainConfig:
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
-    """Scene seed of training chunk ``chunk`` (never a held-out seed)."""
-    if not 0 <= chunk < 10_000:
-        raise ValueError(f"chunk index must be in [0, 10000), got {chunk}")
-    out = DATA_SEED_BASE + 10_000 * int(seed) + int(chunk)
-    if out in (S.BENCHMARK_SEED, VAL_SEED):
-        raise ValueError(f"seed {seed} makes chunk {chunk} collide with a held-out seed")
-    return out
+    """Scene seed of training chunk ``chunk`` of run ``seed``; never a held-out seed."""
+    return _training.chunk_seed(DATA_SEED_BASE, VAL_SEED, seed, chunk)
 
 
 class TextCache:
@@ -181,11 +175,7 @@ def flow_loss(pipe, x0, states, pooled, sigma, noise, reduce: bool = True):
     return err.mean() if reduce else err.mean((1, 2))
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+_lr_at = _training.warmup_cosine_lr
 
 
 def _standardisation(cfg: TrainConfig) -> tuple:
@@ -196,9 +186,7 @@ def _standardisation(cfg: TrainConfig) -> tuple:
     return float(1.0 / z.std()), float(z.mean())
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+_cpu_seconds = _training.cpu_seconds
 
 
 def train(cfg: TrainConfig, workdir, log=print, resume: bool = True, text=None,
@@ -322,12 +310,7 @@ def trivial_losses(pipe, cfg: TrainConfig, n: int = 512, seed: int = 1) -> dict:
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__}
+    return _training.versions('diffusers', 'transformers')
 
 
 def finalise(cfg: TrainConfig, result: dict, out_dir, log=print, n_eval: int = 100,

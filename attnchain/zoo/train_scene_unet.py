@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from attnchain.data import scenes as S
+from attnchain.zoo import _training
 from attnchain.zoo import scene_unet as SU
 
 __all__ = ["TrainConfig", "DATA_SEED_BASE", "VAL_SEED", "chunk_seed", "train", "finalise",
@@ -91,13 +90,8 @@ class TrainConfig:
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
-    """Scene seed of training chunk ``chunk``; never a held-out seed."""
-    if not 0 <= chunk < 10_000:
-        raise ValueError(f"chunk index must be in [0, 10000), got {chunk}")
-    out = DATA_SEED_BASE + 10_000 * int(seed) + int(chunk)
-    if out in (S.BENCHMARK_SEED, VAL_SEED):
-        raise ValueError(f"seed {seed} makes chunk {chunk} collide with a held-out seed")
-    return out
+    """Scene seed of training chunk ``chunk`` of run ``seed``; never a held-out seed."""
+    return _training.chunk_seed(DATA_SEED_BASE, VAL_SEED, seed, chunk)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -156,11 +150,7 @@ class _Data:
         return x, e
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+_lr_at = _training.warmup_cosine_lr
 
 
 def _noised(sched, x0, seed_parts, n_t: int = 1000):
@@ -175,16 +165,10 @@ def _encoder(device="cpu"):
     return lambda caps: pipe._embed(caps, device).float()
 
 
-def _save_atomic(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_save_atomic = _training.save_atomic
 
 
-def _cpu_seconds() -> float:
-    """CPU seconds of this process (all its threads), user + system."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+_cpu_seconds = _training.cpu_seconds
 
 
 def train(cfg: TrainConfig, workdir, log=print, resume: bool = True,
@@ -342,12 +326,7 @@ def attention_vs_locality(unet, n: int = 64, timesteps=(200, 500, 800), caption:
 
 
 def _versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__}
+    return _training.versions('diffusers', 'transformers')
 
 
 def finalise(cfg: TrainConfig, result: dict, out_dir, log=print) -> dict:

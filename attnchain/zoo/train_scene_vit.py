@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from attnchain.data import scenes as S
+from attnchain.zoo import _training
 from attnchain.zoo import scene_vit as SV
 
 __all__ = [
@@ -104,13 +104,8 @@ class TrainConfig:
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
-    """Scene seed of training chunk ``chunk``; never equal to the benchmark or validation seed."""
-    if not 0 <= chunk < 10_000:
-        raise ValueError(f"chunk index must be in [0, 10000), got {chunk}")
-    out = DATA_SEED_BASE + 10_000 * int(seed) + int(chunk)
-    if out in (S.BENCHMARK_SEED, VAL_SEED):
-        raise ValueError(f"seed {seed} makes chunk {chunk} collide with a held-out seed")
-    return out
+    """Scene seed of training chunk ``chunk`` of run ``seed``; never a held-out seed."""
+    return _training.chunk_seed(DATA_SEED_BASE, VAL_SEED, seed, chunk)
 
 
 def class_maps(sc: "S.Scenes") -> torch.Tensor:
@@ -200,11 +195,7 @@ def train_loss(model, head, x, presence, comp, aux_weight: float):
     return bce + aux_weight * aux, bce, aux
 
 
-def _lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+_lr_at = _training.warmup_cosine_lr
 
 
 def _param_groups(modules, weight_decay: float):
@@ -230,10 +221,7 @@ def _init(cfg: TrainConfig):
     return model, head, opt
 
 
-def _save_atomic(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_save_atomic = _training.save_atomic
 
 
 @torch.no_grad()
@@ -404,10 +392,7 @@ def train(cfg: TrainConfig, workdir, log=print, resume: bool = True,
 
 
 def _versions() -> dict:
-    import timm
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "numpy": np.__version__}
+    return _training.versions('timm')
 
 
 def finalise(cfg: TrainConfig, result: dict, out_dir, log=print,
