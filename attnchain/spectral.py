@@ -32,9 +32,10 @@ from .errors import ConvergenceError
 from .operators import ChainOperator, DenseChain, as_operator
 from .stationary import _solve_sequence, token_rank
 
-__all__ = ["lambda2", "lambda2_sequence", "eigenvalues", "head_weights", "head_mean", "metastable_states",
-           "choose_bounces", "HEAD_WEIGHTINGS", "K_MAX", "LAMBDA2_METHODS", "AUTO_DENSE_MAX_N",
-           "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES", "KRYLOV_BATCH_BYTES", "CACHE_BYTES"]
+__all__ = ["lambda2", "lambda2_sequence", "eigenvalues", "head_weights", "head_mean",
+           "metastable_states", "choose_bounces", "HEAD_WEIGHTINGS", "K_MAX", "LAMBDA2_METHODS",
+           "AUTO_DENSE_MAX_N", "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES", "KRYLOV_BATCH_BYTES",
+           "CACHE_BYTES"]
 
 #: ``method="auto"`` uses the dense eigensolver up to this many tokens, Krylov above.
 AUTO_DENSE_MAX_N = 256

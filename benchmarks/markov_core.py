@@ -78,14 +78,7 @@ def timeit(fn, repeats):
     """Best wall time of `repeats` calls (after one untimed warm-up if repeats > 1)."""
     if repeats > 1:
         fn()
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+    return best_of(fn, repeats)
 
 
 def sync():

@@ -439,3 +439,28 @@ def test_peak_memory_and_measure_chain():
         on_gpu = measure_chain(lambda: attention_probs(qc, kc, 8 ** -0.5), "cuda", n_bounce=1)
     assert on_gpu["peak_bytes"] >= 2 * 300 * 300 * 4  # the maps, counted on the device
 
+
+
+def test_warm_start_passes_table_and_gap():
+    """The chapter's table: cold and warm passes after the first step, their ratio, and the
+    largest warm/cold gap (L1 for TokenRank's distributions, absolute for |λ2|)."""
+    import functools
+
+    from attnchain.testing.memory import warm_start_passes
+
+    g = torch.Generator().manual_seed(0)
+    A0, A1 = torch.softmax(3 * torch.randn(2, 2, 300, 300, generator=g), -1)
+    seq = torch.stack([(1 - e) * A0 + e * A1 for e in (0.0, 0.01, 0.02)])
+    l2 = functools.partial(ac.lambda2_sequence, method="krylov")
+    table, gap = warm_start_passes([("drift", "tokenrank", ac.token_rank_sequence, seq),
+                                    ("drift", "λ2", l2, seq)])
+    for method, solve in (("tokenrank", ac.token_rank_sequence), ("λ2", l2)):
+        cold, cold_passes = solve(seq, warm_start=False)
+        warm, warm_passes = solve(seq, warm_start=True)
+        row = table.loc[("drift", method)]
+        assert (row.cold, row.warm) == (sum(cold_passes[1:]), sum(warm_passes[1:]))
+        assert row.saved == pytest.approx(1 - row.warm / row.cold)
+    lam_gap = float((l2(seq)[0] - l2(seq, warm_start=False)[0]).abs().max())
+    pi_gap = float((ac.token_rank_sequence(seq)[0]
+                    - ac.token_rank_sequence(seq, warm_start=False)[0]).abs().sum(-1).max())
+    assert gap == max(lam_gap, pi_gap)

@@ -114,6 +114,11 @@ class Runner:
         self.device = None
         self._memory: dict = {}  # item -> rows, when there is no results_dir
 
+    def place(self, module):
+        """``module`` moved to this process's device when the run is sharded over several
+        (:attr:`device`), unchanged otherwise (it stays where the caller put it)."""
+        return module if self.device is None else module.to(self.device)
+
     # ------------------------------------------------------------------ names
     @property
     def key(self) -> str:

@@ -977,9 +977,7 @@ def evaluate(model_name: str = "scene-flux", dataset: str = "scenes-easy",
     def compute(items):
         if not state:
             pipe, _ = ac.zoo.load(model_name) if model is None else model
-            if runner.device is not None:
-                pipe = pipe.to(runner.device)
-            state["pipe"] = pipe
+            state["pipe"] = runner.place(pipe)
         return _batch_rows(state["pipe"], source, list(items), protocol)
 
     return runner.run(range(source.n), compute, batch_size=batch_size, progress=progress,

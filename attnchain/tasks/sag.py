@@ -537,10 +537,7 @@ def evaluate(model_name: str = "scene-unet", n: int = 64, results_dir=None, *,
 
     def compute(items):
         if not state:
-            p = ac.zoo.load(model_name)[0] if pipe is None else pipe
-            if runner.device is not None:
-                p = p.to(runner.device)
-            state["pipe"] = p
+            state["pipe"] = runner.place(ac.zoo.load(model_name)[0] if pipe is None else pipe)
         rows = []
         for name, rule in methods.items():
             gens = [torch.Generator().manual_seed(seed + int(i)) for i in items]

@@ -286,9 +286,7 @@ def evaluate(model_name: str, level: str, n: int = scenes_mod.BENCHMARK_SIZE,
     def compute(items):
         if not state:  # first batch to compute: load the model and the scenes
             net, pre = load_model(model_name) if model is None else model
-            if runner.device is not None:  # one of several processes: its own device
-                net = net.to(runner.device)
-            state.update(net=net, pre=pre, scenes=scenes_mod.benchmark(level, n=n))
+            state.update(net=runner.place(net), pre=pre, scenes=scenes_mod.benchmark(level, n=n))
         idx = torch.tensor(items)
         sc = state["scenes"]
         sub = scenes_mod.Scenes(images=sc.images[idx], masks=sc.masks[idx], labels=sc.labels[idx],

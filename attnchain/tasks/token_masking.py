@@ -355,9 +355,7 @@ def evaluate(model_name: str = "scene-vit", dataset: str = "scenes", n: Optional
     def compute(items):
         if not state:
             net, pre = ac.zoo.load(model_name) if model is None else model
-            if runner.device is not None:
-                net = net.to(runner.device)
-            state.update(net=net.eval(), pre=pre)
+            state.update(net=runner.place(net).eval(), pre=pre)
         return _batch_rows(state["net"], state["pre"], source, items, layer, fractions, seeds,
                            alpha, mode)
 

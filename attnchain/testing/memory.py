@@ -34,7 +34,7 @@ import time
 
 import torch
 
-__all__ = ["PeakMemory", "measure_chain"]
+__all__ = ["PeakMemory", "measure_chain", "cpu_seconds", "warm_start_passes"]
 
 _M_MMAP_THRESHOLD = -3
 _tuned: list = []
@@ -96,7 +96,8 @@ class PeakMemory:
         return False
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads), user + system."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
@@ -105,11 +106,11 @@ def _timed(fn, device: torch.device):
     """``fn()``, its wall-clock seconds and the process's CPU seconds during it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t, c = time.perf_counter(), _cpu_seconds()
+    t, c = time.perf_counter(), cpu_seconds()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return out, time.perf_counter() - t, _cpu_seconds() - c
+    return out, time.perf_counter() - t, cpu_seconds() - c
 
 
 def measure_chain(build, device="cpu", n_bounce: int = 10, start: int = 0) -> dict:
@@ -158,3 +159,39 @@ def measure_chain(build, device="cpu", n_bounce: int = 10, start: int = 0) -> di
     out.update(pi=pi, bounce=bounce, lambda2=l2, token_rank_passes=tr["passes"],
                lambda2_passes=l2i["passes"], peak_bytes=mem.peak)
     return out
+
+
+def warm_start_passes(runs):
+    r"""Passes a warm start saves along sequences of chains (chapter 12).
+
+    Parameters
+    ----------
+    runs : iterable of (chains, method, solve, sequence)
+        ``solve(sequence, warm_start=...)`` returns ``(values, passes)`` as
+        :func:`attnchain.token_rank_sequence` and :func:`attnchain.lambda2_sequence` do (bind
+        their keywords with :func:`functools.partial`); ``chains`` and ``method`` name the row.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        Indexed by (chains, method): the passes summed over steps 1 .. end (the first step has
+        nothing to start from) cold and warm, and the fraction ``saved``.
+    gap : float
+        The largest difference between warm and cold values: the L1 distance of distributions
+        (TokenRank), the absolute difference of numbers (:math:`|\lambda_2|`).
+    """
+    import pandas as pd
+
+    rows, gap = [], 0.0
+    for chains, method, solve, sequence in runs:
+        (cold, cold_passes), (warm, warm_passes) = (solve(sequence, warm_start=w)
+                                                    for w in (False, True))
+        diff = (warm - cold).abs()
+        batch = getattr(sequence, "batch_shape", None) or sequence.shape[:-2]
+        per_chain = diff if diff.shape == batch else diff.sum(-1)  # a number or a distribution
+        gap = max(gap, float(per_chain.max()))
+        rows.append({"chains": chains, "method": method, "cold": sum(cold_passes[1:]),
+                     "warm": sum(warm_passes[1:])})
+    table = pd.DataFrame(rows).set_index(["chains", "method"]).sort_index()
+    table["saved"] = 1 - table["warm"] / table["cold"]
+    return table, gap

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 from importlib import import_module
 from pathlib import Path
 
 import torch
 
 from attnchain.data import scenes as S
+from attnchain.testing.memory import cpu_seconds  # noqa: F401  (re-exported for the scripts)
 
 
 def chunk_seed(base: int, val_seed: int, seed: int, chunk: int) -> int:
@@ -42,12 +42,6 @@ def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def cpu_seconds() -> float:
-    """CPU seconds of this process (all its threads), user + system."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def versions(*packages: str) -> dict:
