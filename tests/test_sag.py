@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnchain as ac
-from attnchain.tasks import sag
+from attnchain.tasks import image_metrics, sag
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -228,10 +228,10 @@ def test_metrics_table_against_torchmetrics_and_a_hand_fid():
     for n, d in ((7, 12), (40, 5)):
         r = torch.randn(50, d, generator=g, dtype=torch.float64)
         x = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.5 + 0.3
-        tm = FrechetInceptionDistance(feature=sag._Given(d))
+        tm = FrechetInceptionDistance(feature=image_metrics._Given(d))
         tm.update(r, real=True)
         tm.update(x, real=False)
-        assert abs(sag._FrechetToReference(r)(x) - float(tm.compute())) < 1e-6
+        assert abs(image_metrics._FrechetToReference(r)(x) - float(tm.compute())) < 1e-6
     assert table.loc["none", "FID low"] <= table.loc["none", "FID high"]
     assert abs(table.loc["none", "valid"] - float(fake["valid"].mean())) < 1e-12
     # identical samples: every paired difference is exactly zero

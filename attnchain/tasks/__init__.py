@@ -7,8 +7,10 @@
   TokenRank and metastable states, read at chosen target tokens.
 - One module per task: :mod:`~attnchain.tasks.scene_saliency` (chapter 7),
   :mod:`~attnchain.tasks.same_object` (the same-object AUC of chapters 3 and 5),
-  :mod:`~attnchain.tasks.concept_segmentation` (chapter 8),
-  :mod:`~attnchain.tasks.token_masking` (chapter 9), :mod:`~attnchain.tasks.sag` (chapter 10),
+  :mod:`~attnchain.tasks.concept_segmentation` (chapter 8, with
+  :mod:`~attnchain.tasks.concept_chains` and :mod:`~attnchain.tasks.concept_scores`),
+  :mod:`~attnchain.tasks.token_masking` (chapter 9), :mod:`~attnchain.tasks.sag` (chapter 10, with
+  :mod:`~attnchain.tasks.sag_sampler` and :mod:`~attnchain.tasks.image_metrics`),
   :mod:`~attnchain.tasks.diffseg` and :mod:`~attnchain.tasks.diffseg_eval` (chapter 11); the
   locality analysis in :mod:`~attnchain.tasks.locality`.
 """
