@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ._solvers import block_krylov, dense, last_level_cache_bytes
+from ._solvers import block_krylov, dense
 from ._solvers.block_krylov import KRYLOV_BLOCK
 from ._validate import (as_tensor, check_choice, check_fraction, check_int, check_positive,
                         check_square, late_row_check, prepare)
@@ -34,8 +34,7 @@ from .stationary import _solve_sequence, token_rank
 
 __all__ = ["lambda2", "lambda2_sequence", "eigenvalues", "head_weights", "head_mean",
            "metastable_states", "choose_bounces", "HEAD_WEIGHTINGS", "K_MAX", "LAMBDA2_METHODS",
-           "AUTO_DENSE_MAX_N", "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES", "KRYLOV_BATCH_BYTES",
-           "CACHE_BYTES"]
+           "AUTO_DENSE_MAX_N", "KRYLOV_BLOCK", "KRYLOV_GROUP_BYTES"]
 
 #: ``method="auto"`` uses the dense eigensolver up to this many tokens, Krylov above.
 AUTO_DENSE_MAX_N = 256
@@ -43,17 +42,13 @@ AUTO_DENSE_MAX_N = 256
 #: The methods of :func:`lambda2`.
 LAMBDA2_METHODS = ("auto", "dense", "krylov")
 
-#: Bytes of the CPU's largest cache (read from sysfs on Linux, else 32 MiB).
-CACHE_BYTES = last_level_cache_bytes()
-
-#: On CPU, Krylov runs the chains in groups of at most this many bytes, one group after the
-#: other, so that a group stays in cache from one pass to the next: three quarters of the
-#: largest cache, at most 32 MiB (see the Numerics page).
-KRYLOV_GROUP_BYTES = min(32 * 2 ** 20, CACHE_BYTES * 3 // 4)
-
-#: Chains larger than half the cache cannot stay in it between passes; Krylov then runs them
-#: in groups of at most this many bytes, for fewer, larger batched operations.
-KRYLOV_BATCH_BYTES = 2 ** 30
+#: On CPU, Krylov runs the chains in groups of at most this many bytes of matrices, one group
+#: after the other (in practice one batch): a pass over the batch is then one batched
+#: product and one batched set of small operations. Groups sized to the cache (which keep a
+#: group in cache from one pass to the next) measured slower, 1.03 to 1.41 times one batch
+#: at N = 384 to 1,448 with 12 to 48 heads on a 2-core CPU with a 16 MiB cache: the solver's
+#: small per-pass operations cost more, repeated per group, than the cache saves (Numerics page).
+KRYLOV_GROUP_BYTES = 2 ** 30
 
 #: The head weightings of :func:`head_mean` (one vocabulary across package, chapters and book).
 HEAD_WEIGHTINGS = ("uniform", "lambda2")
@@ -149,8 +144,9 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
         :math:`O(N^3)`). ``"krylov"``: a Krylov-Schur iteration on the zero-mean vectors
         (Notes), :math:`O(p N^2)` for ``p`` passes over ``A``, certified or an error.
         ``"auto"``: dense for ``N <= AUTO_DENSE_MAX_N`` (256); above, Krylov, and the dense
-        eigensolver for just the matrices Krylov cannot certify (spectra whose eigenvalues
-        all crowd one circle, such as shift-like positional heads).
+        eigensolver in float64 for just the matrices Krylov cannot certify (spectra whose
+        eigenvalues all crowd one circle, such as shift-like positional heads, where float32
+        ``eigvals`` itself is off by 4e-5 at N = 2,048 and 1e-4 at N = 4,096).
     dtype : torch.dtype, optional
         ``torch.float32`` (default) or ``torch.float64``; for an operator ``None`` or its dtype.
     tol : float
@@ -287,7 +283,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
     else:
         A = as_tensor(A, "A")
         N = check_square(A)
-        # Krylov checks each cache-sized group of matrices just before iterating on it; every
+        # Krylov checks each group of matrices just before iterating on it; every
         # other path, and half-precision input, is checked here
         late_check = (method == "krylov" or (method == "auto" and N > AUTO_DENSE_MAX_N)) \
             and N > 2 and A.dtype in (torch.float32, torch.float64)
@@ -319,9 +315,7 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
             raise ValueError(f"start must have shape {tuple(batch) + (N,)} or ({N},), got "
                              f"{tuple(start.shape)}")
         start = start.reshape(-1, 1, N) if start.ndim > 1 else start.reshape(1, N)
-    group = KRYLOV_BATCH_BYTES if (flat.member_bytes or 0) > CACHE_BYTES // 2 else \
-        KRYLOV_GROUP_BYTES
-    r = block_krylov.lambda2(flat, krylov_dim, tol, max_restarts, group,
+    r = block_krylov.lambda2(flat, krylov_dim, tol, max_restarts, KRYLOV_GROUP_BYTES,
                              late_row_check(flat.A, atol, op.A) if late_check else None,
                              start=start)
     theta = r.value.to(op.dtype)
@@ -341,8 +335,8 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
             "solves just these matrices densely)",
             passes=round(r.products / max(bad.numel(), 1), 2),
             residual=r.residual[bad].max().item())
-    if n_bad:  # auto: the dense eigensolver for the matrices Krylov could not certify
-        D = flat[bad.nonzero()[:, 0]].dense()
+    if n_bad:  # auto: the dense eigensolver, in float64, for the matrices Krylov could not certify
+        D = flat[bad.nonzero()[:, 0]].dense().to(torch.float64)
         theta[bad] = torch.topk(dense.eigvals(D).abs(), 2, dim=-1).values[..., 1].to(theta.dtype)
     out = theta.reshape(batch).clamp(0, 1)
     info = {"passes": round(r.products / max(flat.batch_shape[0], 1), 2),

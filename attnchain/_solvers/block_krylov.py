@@ -379,7 +379,7 @@ def start_rows(b: int, N: int, seed: int, like: torch.Tensor,
 def lambda2(op: ChainOperator, max_dim: int, tol: float, max_restarts: int, group_bytes: int,
             check: Optional[Callable] = None, seed: int = 0,
             start: Optional[torch.Tensor] = None) -> Lambda2Result:
-    """:func:`lambda2_group` over cache-sized groups of the flat operator ``op``.
+    """:func:`lambda2_group` over groups of at most ``group_bytes`` of the flat operator ``op``.
 
     The first product of a group multiplies all-ones besides the start rows
     (:func:`start_rows`; ``start`` is an optional initial block (k, N) or (B, k, N)): it yields
