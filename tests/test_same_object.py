@@ -6,7 +6,7 @@ from sklearn.metrics import roc_auc_score
 
 import attnchain as ac
 from attnchain.data import scenes
-from attnchain.tasks.same_object import same_object_auc
+from attnchain.tasks.same_object import rule_bounce_auc, same_object_auc
 
 
 def _old_mask_to_grid(mask, grid):  # viz.mask_to_grid of 7bbbab2
@@ -54,3 +54,28 @@ def test_same_object_auc_ideal_chain_and_bad_input():
         same_object_auc(ideal[:2], data.masks, (8, 8))
     with pytest.raises(ValueError, match="bounces"):
         same_object_auc(ideal, data.masks, (8, 8), bounces=[0])
+
+
+def test_rule_bounce_auc_is_the_fixed_table_plus_the_rule_rows():
+    """Chapter 3's test of the bounce rule: every fixed n, and per scene the rows of the n that
+    choose_bounces picks for that scene's chain (computed here scene by scene)."""
+    data = scenes.generate(5, seed=2, level="easy")
+    g = torch.Generator().manual_seed(1)
+    objects = scenes.patch_objects(data.masks).flatten(1)
+    same = (objects[:, :, None] == objects[:, None, :]).double()
+    P = 0.7 * same / same.sum(-1, keepdim=True) + \
+        0.3 * torch.softmax(2 * torch.randn(5, 64, 64, generator=g, dtype=torch.float64), -1)
+    res = rule_bounce_auc(P, data.masks, (8, 8), max_bounces=6)
+    fixed = same_object_auc(P, data.masks, (8, 8), bounces=range(1, 7))
+    top = res[res.n != "rule n*"]
+    assert top.n.tolist() == fixed.n.astype(str).tolist()
+    assert top.AUC.tolist() == fixed.AUC.tolist()
+    assert top.n_rule.isna().all()
+    rule = res[res.n == "rule n*"]
+    assert len(rule) == len(fixed[fixed.n == 1])  # one rule row per scored object
+    for row in rule.itertuples():
+        n_star = int(ac.choose_bounces(P[row.scene], max_bounces=6))
+        assert row.n_rule == n_star
+        expect = fixed[(fixed.scene == row.scene) & (fixed.object == row.object) & (fixed.n == n_star)]
+        assert row.AUC == expect.AUC.item()
+    assert set(rule.n_rule) != {1.0}  # the rule is not constant on these chains

@@ -16,9 +16,10 @@ from torch import Tensor
 
 from .. import metrics
 from ..data import scenes
+from ..spectral import choose_bounces
 from . import readouts
 
-__all__ = ["same_object_auc"]
+__all__ = ["same_object_auc", "rule_bounce_auc"]
 
 
 def same_object_auc(chains: Tensor, masks: Tensor, grid, bounces: Sequence[int] = (1, 2),
@@ -90,3 +91,54 @@ def same_object_auc(chains: Tensor, masks: Tensor, grid, bounces: Sequence[int] 
                 rows.append(dict(scene=i, object=obj, start=int(starts[i]), n=n,
                                  AUC=metrics.auc(vv[i, n], target)))
     return pd.DataFrame(rows, columns=["scene", "object", "start", "n", "AUC"])
+
+
+def rule_bounce_auc(chains: Tensor, masks: Tensor, grid, max_bounces: int = 10,
+                    eps: float = 0.1) -> pd.DataFrame:
+    r"""Same-object AUC at every fixed :math:`n` and at the rule's :math:`n^\star` per scene.
+
+    The test of chapter 3's rule for the number of bounces: :func:`same_object_auc` for
+    :math:`n = 1, \dots,` ``max_bounces``, and, for each scene, the rows of
+    :math:`n^\star` = :func:`attnchain.choose_bounces` of its chain (the bounces after which the
+    modes inside its metastable states have decayed to ``eps``) repeated with ``n = "rule n*"``.
+
+    Parameters
+    ----------
+    chains, masks, grid
+        As in :func:`same_object_auc`.
+    max_bounces : int
+        The largest fixed :math:`n`, and the cap of the rule.
+    eps : float
+        The rule's threshold (:func:`attnchain.choose_bounces`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``scene, object, start, n, AUC, n_rule``: ``n`` is ``"1"`` to
+        ``str(max_bounces)`` for the fixed numbers and ``"rule n*"`` for the rule's rows, whose
+        ``n_rule`` holds the scene's :math:`n^\star` (NaN on the fixed rows).
+
+    Examples
+    --------
+    >>> import torch
+    >>> masks = torch.zeros(1, 4, 4, dtype=torch.long)
+    >>> masks[0, :, :2] = 1
+    >>> lab = torch.tensor([1, 0, 1, 0])
+    >>> P = 0.9 * (lab[:, None] == lab[None, :]).float() / 2 + 0.1 / 4  # two leaky states
+    >>> res = rule_bounce_auc(P[None], masks, (2, 2), max_bounces=3)
+    >>> res[["n", "AUC", "n_rule"]]
+             n  AUC  n_rule
+    0        1  1.0     NaN
+    1        2  1.0     NaN
+    2        3  1.0     NaN
+    3  rule n*  1.0     1.0
+
+    See Also
+    --------
+    same_object_auc, attnchain.choose_bounces
+    """
+    res = same_object_auc(chains, masks, grid, bounces=range(1, max_bounces + 1))
+    n_rule = choose_bounces(chains, eps=eps, max_bounces=max_bounces).cpu().numpy()  # (B,)
+    at_rule = res[res.n == n_rule[res.scene]].assign(n_rule=lambda d: d.n, n="rule n*")
+    fixed = res.assign(n=res.n.astype(str), n_rule=float("nan"))
+    return pd.concat([fixed, at_rule.astype({"n_rule": float})], ignore_index=True)
