@@ -330,9 +330,10 @@ def lambda2(A, method: str = "auto", dtype: Optional[torch.dtype] = None, tol: f
             f"{r.residual[first].item():.3g} of the largest Ritz magnitudes stayed above "
             f"tol = {tol:g} (it stopped halving for {block_krylov.STALL_PASSES} passes, fell too "
             f"slowly to meet tol within {block_krylov.PASS_BUDGET} passes, or {max_restarts} "
-            f"restarts of {krylov_dim}-dimensional Krylov spaces ran out); their spectra have many eigenvalues of nearly the largest magnitude, which "
-            "no Krylov method separates in few passes; use method='dense' (method='auto' "
-            "solves just these matrices densely)",
+            f"restarts of {krylov_dim}-dimensional Krylov spaces ran out); their spectra have "
+            "many eigenvalues of nearly the largest magnitude, which no Krylov method "
+            "separates in few passes; use method='dense' (method='auto' solves just these "
+            "matrices densely)",
             passes=round(r.products / max(bad.numel(), 1), 2),
             residual=r.residual[bad].max().item())
     if n_bad:  # auto: the dense eigensolver, in float64, for the matrices Krylov could not certify

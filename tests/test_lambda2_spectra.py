@@ -29,9 +29,9 @@ def test_krylov_lambda2_on_the_family(kind, T, N, dtype):
                                        ("cycle", 2.0, 1024), ("degenerate", 2.0, 1024)])
 def test_krylov_lambda2_on_large_family_heads(kind, T, N):
     """One head of each certifiable kind at N = 1,024 (and the hardest at 2,048), float32 by auto
-    (Krylov, no dense solve), and at N = 1,024 float64 by krylov: the noisy head at N = 2,048 is the one of the issue's table that needed
-    133 passes with blocks of three (and more than 20 restarts at the old krylov_dim = 40, so
-    that method='auto' solved it densely)."""
+    (Krylov, no dense solve), and at N = 1,024 float64 by krylov: the noisy head at N = 2,048
+    is the one of the issue's table that needed 133 passes with blocks of three (and more than
+    20 restarts at the old krylov_dim = 40, so that method='auto' solved it densely)."""
     A = heads(kind, 1, N, temperature=T, dtype=torch.float64)
     ref = reference_lambda2(A)  # float32 rounding of these heads moves |λ2| by < 1e-6
     got, info = ac.lambda2(A.float(), return_info=True)  # auto: Krylov at this size

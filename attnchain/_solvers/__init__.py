@@ -7,8 +7,9 @@ Every solver multiplies only through :class:`~attnchain.operators.ChainOperator`
 - :mod:`.block_krylov`: :math:`|\\lambda_2|` by Krylov-Schur iteration, certified on the magnitude.
 
 Each solver takes a flattened operator (batch shape ``(B,)``) and works on groups of its chains
-of a given size in bytes (:func:`cache_groups`); an optional ``check(s, rows=None)`` callback validates group
-``s`` just before it is first read. What they do and why is on the book's Numerics page.
+of a given size in bytes (:func:`cache_groups`); an optional ``check(s, rows=None)`` callback
+validates group ``s`` just before it is first read. What they do and why is on the book's
+Numerics page.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from ..operators import ChainOperator
 def cache_groups(op: ChainOperator, group_bytes: int) -> list:
     """Slices of the flat batch of ``op`` to iterate on one after the other: on CPU as many
     chains as fit in ``group_bytes`` (at least one), so that repeated passes over a small group
-    can find it in cache, or so that a large batch is not processed all at once; on other devices, or for an operator that does not say how much it reads
-    (``member_bytes is None``), the whole batch."""
+    can find it in cache, or so that a large batch is not processed all at once; on other
+    devices, or for an operator that does not say how much it reads (``member_bytes is None``),
+    the whole batch."""
     B = op.batch_shape[0]
     if op.device.type != "cpu" or not op.member_bytes:
         g = B
