@@ -1,12 +1,13 @@
 """The same-object AUC protocol against the inline computation chapters 3 and 5 used to carry."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
 import attnchain as ac
 from attnchain.data import scenes
-from attnchain.tasks.same_object import rule_bounce_auc, same_object_auc
+from attnchain.tasks.same_object import rule_bounce_auc, rule_summary, same_object_auc
 
 
 def _old_mask_to_grid(mask, grid):  # viz.mask_to_grid of 7bbbab2
@@ -76,6 +77,29 @@ def test_rule_bounce_auc_is_the_fixed_table_plus_the_rule_rows():
     for row in rule.itertuples():
         n_star = int(ac.choose_bounces(P[row.scene], max_bounces=6))
         assert row.n_rule == n_star
-        expect = fixed[(fixed.scene == row.scene) & (fixed.object == row.object) & (fixed.n == n_star)]
+        expect = fixed[(fixed.scene == row.scene) & (fixed.object == row.object)
+                       & (fixed.n == n_star)]
         assert row.AUC == expect.AUC.item()
     assert set(rule.n_rule) != {1.0}  # the rule is not constant on these chains
+
+
+def test_rule_summary_equals_the_chapters_inline_summary():
+    """Chapter 3's printed summary, as its cell computed it before it moved to the package."""
+    data = scenes.generate(4, seed=5, level="easy")
+    g = torch.Generator().manual_seed(2)
+    frames = [rule_bounce_auc(torch.softmax(t * torch.randn(4, 64, 64, generator=g), -1),
+                              data.masks, (8, 8), 5).assign(layer=f"L{i}")
+              for i, t in enumerate((1.0, 3.0, 6.0))]
+    res = pd.concat(frames, ignore_index=True)
+    got = rule_summary(res, 5)
+    layers, order = ["L0", "L1", "L2"], [str(n) for n in range(1, 6)] + ["rule n*"]
+    table = res.pivot_table(index="layer", columns="n", values="AUC",
+                            aggfunc="mean").loc[layers, order]
+    overall = res.groupby("n")["AUC"].mean().reindex(order)
+    pd.testing.assert_frame_equal(got["table"], table)
+    pd.testing.assert_series_equal(got["mean"], overall)
+    assert got["best_n"] == overall.iloc[:5].idxmax() and got["best"] == overall.iloc[:5].max()
+    assert got["rule"] == overall["rule n*"]
+    assert got["oracle"] == table[order[:5]].max(axis=1).mean()
+    rule_ns = res.dropna(subset=["n_rule"]).drop_duplicates(["layer", "scene"]).n_rule
+    assert got["rule_counts"] == rule_ns.astype(int).value_counts().sort_index().to_dict()

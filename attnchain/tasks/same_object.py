@@ -19,7 +19,7 @@ from ..data import scenes
 from ..spectral import choose_bounces
 from . import readouts
 
-__all__ = ["same_object_auc", "rule_bounce_auc"]
+__all__ = ["same_object_auc", "rule_bounce_auc", "rule_summary"]
 
 
 def same_object_auc(chains: Tensor, masks: Tensor, grid, bounces: Sequence[int] = (1, 2),
@@ -142,3 +142,36 @@ def rule_bounce_auc(chains: Tensor, masks: Tensor, grid, max_bounces: int = 10,
     at_rule = res[res.n == n_rule[res.scene]].assign(n_rule=lambda d: d.n, n="rule n*")
     fixed = res.assign(n=res.n.astype(str), n_rule=float("nan"))
     return pd.concat([fixed, at_rule.astype({"n_rule": float})], ignore_index=True)
+
+
+def rule_summary(res: pd.DataFrame, max_bounces: int, by: str = "layer") -> dict:
+    r"""Chapter 3's summary of a :func:`rule_bounce_auc` table with a column ``by`` (layers).
+
+    Returns
+    -------
+    dict
+        ``table``: mean AUC per ``by`` group (rows, in order of appearance) and ``n`` (columns
+        ``"1"`` .. ``str(max_bounces)``, ``"rule n*"``); ``mean``: mean AUC per ``n`` over all
+        rows (same order); ``best_n`` and ``best``: the fixed ``n`` of the highest mean and that
+        mean; ``rule``: the rule's mean; ``oracle``: the mean over groups of each group's best
+        fixed ``n``; ``rule_counts``: how often the rule chose each :math:`n^\star`, counted
+        once per group and scene.
+
+    Examples
+    --------
+    >>> res = pd.DataFrame({"layer": ["a"] * 3 + ["b"] * 3, "scene": 0, "object": 1,
+    ...                     "n": ["1", "2", "rule n*"] * 2, "AUC": [.6, .8, .8, .9, .75, .9],
+    ...                     "n_rule": [None, None, 2, None, None, 1]})
+    >>> s = rule_summary(res, 2)
+    >>> s["best_n"], round(s["oracle"], 2), s["rule_counts"]
+    ('2', 0.85, {1: 1, 2: 1})
+    """
+    order = [str(n) for n in range(1, max_bounces + 1)] + ["rule n*"]
+    groups = list(dict.fromkeys(res[by]))
+    table = res.pivot_table(index=by, columns="n", values="AUC", aggfunc="mean").loc[groups, order]
+    mean = res.groupby("n")["AUC"].mean().reindex(order)
+    fixed = mean.iloc[:max_bounces]
+    chosen = res.dropna(subset=["n_rule"]).drop_duplicates([by, "scene"]).n_rule.astype(int)
+    return dict(table=table, mean=mean, best_n=fixed.idxmax(), best=float(fixed.max()),
+                rule=float(mean["rule n*"]), oracle=float(table[order[:-1]].max(axis=1).mean()),
+                rule_counts={int(k): int(v) for k, v in chosen.value_counts().sort_index().items()})
