@@ -26,6 +26,17 @@ def chunk_seed(base: int, val_seed: int, seed: int, chunk: int) -> int:
     return out
 
 
+def check_schedule(cfg) -> None:
+    """The checks every training configuration shares: ``cfg.steps`` and ``cfg.batch_size``
+    positive, and chunks of scenes made of whole batches (``cfg.chunk_size`` a multiple of
+    ``cfg.batch_size``)."""
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("steps and batch_size must be positive")
+    if cfg.chunk_size % cfg.batch_size:
+        raise ValueError(f"chunk_size {cfg.chunk_size} must be a multiple of batch_size "
+                         f"{cfg.batch_size}")
+
+
 def warmup_cosine_lr(cfg, step: int) -> float:
     r"""Learning rate at ``step``: linear warm-up to ``cfg.lr`` over ``cfg.warmup_steps``, then
     cosine decay to ``cfg.min_lr`` at ``cfg.steps``,

@@ -80,13 +80,9 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: dict(SF.DEFAULT_CONFIG))
 
     def __post_init__(self):
-        if self.chunk_size % self.batch_size:
-            raise ValueError(f"chunk_size {self.chunk_size} must be a multiple of batch_size "
-                             f"{self.batch_size}")
+        _training.check_schedule(self)
         if self.level not in S.LEVELS:
             raise ValueError(f"level must be one of {S.LEVELS}, got {self.level!r}")
-        if self.steps < 1:
-            raise ValueError("steps must be positive")
         self.model = {**SF.DEFAULT_CONFIG, **self.model}
         self.model["axes_dims_rope"] = list(self.model["axes_dims_rope"])
 

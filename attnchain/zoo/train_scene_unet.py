@@ -78,11 +78,7 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: dict(SU.DEFAULT_CONFIG))
 
     def __post_init__(self):
-        if self.chunk_size % self.batch_size:
-            raise ValueError(f"chunk_size {self.chunk_size} must be a multiple of batch_size "
-                             f"{self.batch_size}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
+        _training.check_schedule(self)
         if not 0 <= self.caption_dropout <= 1:
             raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         self.model = {**SU.DEFAULT_CONFIG, **self.model}

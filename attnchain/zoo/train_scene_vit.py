@@ -90,14 +90,9 @@ class TrainConfig:
     model: dict = field(default_factory=lambda: dict(SV.DEFAULT_CONFIG))
 
     def __post_init__(self):
-        if self.chunk_size % self.batch_size:
-            raise ValueError(
-                f"chunk_size {self.chunk_size} must be a multiple of batch_size {self.batch_size}"
-            )
+        _training.check_schedule(self)
         if self.level not in S.LEVELS:
             raise ValueError(f"level must be one of {S.LEVELS}, got {self.level!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be positive")
         self.model = {**SV.DEFAULT_CONFIG, **self.model}
         if self.model["img_size"] != S.IMAGE_SIZE and self.model["img_size"] < 32:
             raise ValueError(f"img_size must be >= 32, got {self.model['img_size']}")
